@@ -1,0 +1,17 @@
+//! `sidemesh-injector`: not built yet; it says so and exits non-zero.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// The sidemesh injector service (not built yet).
+#[derive(Debug, Parser)]
+#[command(name = "sidemesh-injector", version)]
+struct Args {}
+
+fn main() -> ExitCode {
+    let _ = Args::parse();
+    eprintln!("sidemesh-injector: not built yet in this version of sidemesh");
+    ExitCode::FAILURE
+}

@@ -1,0 +1,12 @@
+//! Wire formats of sidemesh: generated gRPC code for the identity API (and,
+//! as the control plane grows, the destination API). No logic lives here.
+#![forbid(unsafe_code)]
+
+/// `sidemesh.identity.v1`: the certificate authority API.
+pub mod identity {
+    /// Version 1 of the identity API.
+    #[allow(missing_docs, clippy::all, clippy::pedantic)]
+    pub mod v1 {
+        tonic::include_proto!("sidemesh.identity.v1");
+    }
+}
