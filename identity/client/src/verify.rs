@@ -12,6 +12,8 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use x509_parser::extensions::GeneralName;
 
 use crate::TrustStore;
+pub use webpki::KeyUsage;
+
 use crate::spiffe::SpiffeId;
 
 /// The SPIFFE IDs (URI SANs starting `spiffe://`) a certificate names.
