@@ -13,20 +13,14 @@ pub fn write_atomic(path: &Path, contents: &[u8], private: bool) -> anyhow::Resu
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let name = path.file_name().context("the path has no file name")?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
     if private {
         use std::os::unix::fs::OpenOptionsExt as _;
         opts.mode(0o600);
     }
-    let mut f = opts
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
+    let mut f = opts.open(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
     f.write_all(contents)
         .with_context(|| format!("writing {}", tmp.display()))?;
     f.sync_all().ok();

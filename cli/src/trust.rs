@@ -83,8 +83,7 @@ pub fn run(cmd: TrustCommand) -> anyhow::Result<()> {
             trust_domain,
             lifetime,
         } => {
-            sidemesh_identity_client::SpiffeId::new(&trust_domain, "x", "x")
-                .context("--trust-domain")?;
+            sidemesh_identity_client::SpiffeId::new(&trust_domain, "x", "x").context("--trust-domain")?;
             let pair = ca::new_root(&trust_domain, lifetime)?;
             write_atomic(&key, pair.key.as_bytes(), true)?;
             write_atomic(&cert, pair.cert.as_bytes(), false)?;
@@ -109,8 +108,16 @@ pub fn run(cmd: TrustCommand) -> anyhow::Result<()> {
             let mut ders = Vec::new();
             for f in &files {
                 let text = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
-                let bundle =
-                    TrustBundle::from_pem(&text).with_context(|| f.display().to_string())?;
+                let bundle = TrustBundle::from_pem(&text).with_context(|| f.display().to_string())?;
+                for root in bundle.roots() {
+                    let cert = parse(&root.der)?;
+                    anyhow::ensure!(
+                        cert.subject() == cert.issuer() && cert.verify_signature(None).is_ok(),
+                        "{}: {} is not a root (it is not self-signed); a bundle holds roots only",
+                        f.display(),
+                        root.subject
+                    );
+                }
                 ders.extend(bundle.roots().iter().map(|r| r.der.clone()));
             }
             let bundle = TrustBundle::from_der(ders)?;
@@ -118,23 +125,16 @@ pub fn run(cmd: TrustCommand) -> anyhow::Result<()> {
             match out {
                 Some(path) => {
                     write_atomic(&path, pem.as_bytes(), false)?;
-                    eprintln!(
-                        "wrote {} root(s) to {}",
-                        bundle.roots().len(),
-                        path.display()
-                    );
+                    eprintln!("wrote {} root(s) to {}", bundle.roots().len(), path.display());
                 }
                 None => print!("{pem}"),
             }
             Ok(())
         }
         TrustCommand::Inspect { file, bundle } => {
-            let text =
-                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let text = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let bundle = bundle
-                .map(|b| {
-                    TrustBundle::from_file(&b).with_context(|| format!("--bundle {}", b.display()))
-                })
+                .map(|b| TrustBundle::from_file(&b).with_context(|| format!("--bundle {}", b.display())))
                 .transpose()?;
             print!("{}", describe(&text, bundle.as_ref())?);
             Ok(())
@@ -190,11 +190,7 @@ fn describe(pem: &[u8], bundle: Option<&TrustBundle>) -> anyhow::Result<String> 
         let _ = writeln!(
             out,
             "  SANs:        {}",
-            if sans.is_empty() {
-                "-".into()
-            } else {
-                sans.join(", ")
-            }
+            if sans.is_empty() { "-".into() } else { sans.join(", ") }
         );
         let _ = writeln!(out, "  CA:          {}", if ca { "yes" } else { "no" });
         let _ = writeln!(out, "  not before:  {}", v.not_before);
@@ -216,12 +212,7 @@ fn describe(pem: &[u8], bundle: Option<&TrustBundle>) -> anyhow::Result<String> 
         let (child, parent) = (parse(&pair[0])?, parse(&pair[1])?);
         if child.verify_signature(Some(parent.public_key())).is_err() {
             chain_ok = false;
-            let _ = writeln!(
-                out,
-                "chain: {} is NOT signed by {}",
-                child.subject(),
-                parent.subject()
-            );
+            let _ = writeln!(out, "chain: {} is NOT signed by {}", child.subject(), parent.subject());
         }
     }
     if chain_ok && ders.len() > 1 {
@@ -237,16 +228,11 @@ fn describe(pem: &[u8], bundle: Option<&TrustBundle>) -> anyhow::Result<String> 
         let top_cert = parse(top)?;
         let root = bundle.roots().iter().find(|r| {
             r.fingerprint == top_fp
-                || parse(&r.der)
-                    .is_ok_and(|root| top_cert.verify_signature(Some(root.public_key())).is_ok())
+                || parse(&r.der).is_ok_and(|root| top_cert.verify_signature(Some(root.public_key())).is_ok())
         });
         match root {
             Some(r) => {
-                let _ = writeln!(
-                    out,
-                    "bundle: chains to root {} ({})",
-                    r.subject, r.fingerprint
-                );
+                let _ = writeln!(out, "bundle: chains to root {} ({})", r.subject, r.fingerprint);
             }
             None => {
                 let _ = writeln!(

@@ -4,8 +4,8 @@
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose,
-    SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    SerialNumber,
 };
 
 use crate::issuer::BACKDATE;
@@ -87,29 +87,17 @@ pub fn new_root(trust_domain: &str, lifetime: Duration) -> Result<PemPair, CaErr
 
 /// A new issuer (intermediate CA, path length 0) signed by the root given as
 /// PEM; it never outlives the root.
-pub fn new_issuer(
-    root_cert_pem: &str,
-    root_key_pem: &str,
-    lifetime: Duration,
-) -> Result<PemPair, CaError> {
-    let root_key =
-        KeyPair::from_pem(root_key_pem).map_err(|e| CaError::Signer(format!("root key: {e}")))?;
+pub fn new_issuer(root_cert_pem: &str, root_key_pem: &str, lifetime: Duration) -> Result<PemPair, CaError> {
+    let root_key = KeyPair::from_pem(root_key_pem).map_err(|e| CaError::Signer(format!("root key: {e}")))?;
     let root_der = rustls_pki_types::pem::PemObject::from_pem_slice(root_cert_pem.as_bytes())
         .map_err(|e| CaError::Signer(format!("root certificate: {e}")))?;
     let root_der: rustls_pki_types::CertificateDer<'static> = root_der;
     let (_, parsed) = x509_parser::parse_x509_certificate(&root_der)
         .map_err(|e| CaError::Signer(format!("root certificate: {e}")))?;
     if parsed.public_key().subject_public_key.data.as_ref() != root_key.public_key_raw() {
-        return Err(CaError::Signer(
-            "root key does not match the root certificate".into(),
-        ));
+        return Err(CaError::Signer("root key does not match the root certificate".into()));
     }
-    if !parsed
-        .basic_constraints()
-        .ok()
-        .flatten()
-        .is_some_and(|b| b.value.ca)
-    {
+    if !parsed.basic_constraints().ok().flatten().is_some_and(|b| b.value.ca) {
         return Err(CaError::Signer("the root certificate is not a CA".into()));
     }
     let trust_domain = sidemesh_identity_client::verify::uri_sans(&root_der)
@@ -119,8 +107,8 @@ pub fn new_issuer(
                 .find_map(|u| u.strip_prefix("spiffe://").map(str::to_owned))
         })
         .unwrap_or_else(|| "cluster.local".to_owned());
-    let root_not_after = SystemTime::UNIX_EPOCH
-        + Duration::from_secs(parsed.validity().not_after.timestamp().max(0) as u64);
+    let root_not_after =
+        SystemTime::UNIX_EPOCH + Duration::from_secs(parsed.validity().not_after.timestamp().max(0) as u64);
     let not_after = (SystemTime::now() + lifetime).min(root_not_after);
     let signer = rcgen::Issuer::from_ca_cert_der(&root_der, root_key)?;
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;

@@ -38,17 +38,12 @@ pub fn check(der: &[u8]) -> Result<CheckedCsr, CsrError> {
     if der.is_empty() {
         return Err(CsrError::Empty);
     }
-    let (rest, csr) =
-        X509CertificationRequest::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
+    let (rest, csr) = X509CertificationRequest::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
-        return Err(CsrError::Malformed(format!(
-            "{} trailing bytes",
-            rest.len()
-        )));
+        return Err(CsrError::Malformed(format!("{} trailing bytes", rest.len())));
     }
     let spki = &csr.certification_request_info.subject_pki;
-    let public_key =
-        rcgen::SubjectPublicKeyInfo::from_der(spki.raw).map_err(|_| CsrError::KeyType)?;
+    let public_key = rcgen::SubjectPublicKeyInfo::from_der(spki.raw).map_err(|_| CsrError::KeyType)?;
     if rcgen::PublicKeyData::algorithm(&public_key) != &rcgen::PKCS_ECDSA_P256_SHA256 {
         return Err(CsrError::KeyType);
     }

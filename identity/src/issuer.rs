@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
-    SanType, SerialNumber,
+    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    SerialNumber,
 };
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
@@ -100,10 +100,7 @@ fn parse(der: &[u8]) -> Result<X509Certificate<'_>, IssuerError> {
 }
 
 fn is_ca(cert: &X509Certificate<'_>) -> bool {
-    cert.basic_constraints()
-        .ok()
-        .flatten()
-        .is_some_and(|bc| bc.value.ca)
+    cert.basic_constraints().ok().flatten().is_some_and(|bc| bc.value.ca)
 }
 
 impl Issuer {
@@ -119,11 +116,7 @@ impl Issuer {
     }
 
     /// Checks an issuer given as PEM text.
-    pub fn from_pem(
-        cert_pem: &[u8],
-        key_pem: &[u8],
-        bundle: &TrustBundle,
-    ) -> Result<Self, IssuerError> {
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8], bundle: &TrustBundle) -> Result<Self, IssuerError> {
         let mut certs = Vec::new();
         for c in CertificateDer::pem_slice_iter(cert_pem) {
             certs.push(c.map_err(|e| IssuerError::Cert(format!("not valid PEM: {e}")))?);
@@ -131,11 +124,11 @@ impl Issuer {
         let Some(issuer_der) = certs.first().cloned() else {
             return Err(IssuerError::Cert("no CERTIFICATE block".into()));
         };
-        let key_text =
-            std::str::from_utf8(key_pem).map_err(|_| IssuerError::Key("not PEM text".into()))?;
+        let key_text = std::str::from_utf8(key_pem).map_err(|_| IssuerError::Key("not PEM text".into()))?;
         if key_text.contains("BEGIN EC PRIVATE KEY") || key_text.contains("BEGIN RSA PRIVATE KEY") {
             return Err(IssuerError::Key(
-                "the key must be PKCS#8 (\"BEGIN PRIVATE KEY\"); with cert-manager set privateKey.encoding: PKCS8".into(),
+                "the key must be PKCS#8 (\"BEGIN PRIVATE KEY\"); with cert-manager set privateKey.encoding: PKCS8"
+                    .into(),
             ));
         }
         let key = KeyPair::from_pem(key_text).map_err(|e| IssuerError::Key(e.to_string()))?;
@@ -173,8 +166,7 @@ impl Issuer {
             chain.push(der.clone());
             let signer = roots.iter().find(|r| {
                 parse(&r.der).is_ok_and(|root| {
-                    root.subject() == link.issuer()
-                        && link.verify_signature(Some(root.public_key())).is_ok()
+                    root.subject() == link.issuer() && link.verify_signature(Some(root.public_key())).is_ok()
                 })
             });
             if let Some(root) = signer {
@@ -182,10 +174,8 @@ impl Issuer {
                 break;
             }
         }
-        let root_fingerprint =
-            root_fingerprint.ok_or_else(|| IssuerError::Untrusted(subject.clone()))?;
-        let signer = rcgen::Issuer::from_ca_cert_der(&issuer_der, key)
-            .map_err(|e| IssuerError::Cert(e.to_string()))?;
+        let root_fingerprint = root_fingerprint.ok_or_else(|| IssuerError::Untrusted(subject.clone()))?;
+        let signer = rcgen::Issuer::from_ca_cert_der(&issuer_der, key).map_err(|e| IssuerError::Cert(e.to_string()))?;
         Ok(Self {
             signer,
             chain,
@@ -244,26 +234,16 @@ impl Issuer {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         params.not_before = not_before.into();
         params.not_after = not_after.into();
         params.serial_number = Some(SerialNumber::from_slice(&random_serial()));
         params.subject_alt_names = Vec::with_capacity(1 + dns_names.len());
-        params
-            .subject_alt_names
-            .push(SanType::URI(id.to_string().try_into()?));
+        params.subject_alt_names.push(SanType::URI(id.to_string().try_into()?));
         for dns in dns_names {
-            params
-                .subject_alt_names
-                .push(SanType::DnsName(dns.clone().try_into()?));
+            params.subject_alt_names.push(SanType::DnsName(dns.clone().try_into()?));
         }
         let cert = params.signed_by(public_key, &self.signer)?;
         Ok((cert.der().clone(), not_after))

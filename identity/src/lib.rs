@@ -8,7 +8,7 @@
 //! - [`issuer`]: loading, checking and signing with the issuing CA;
 //! - [`service`]: the gRPC API (`Certify`, `WatchIssuer`);
 //! - [`server`]: TLS, serving certificate, reloads;
-//! - [`metrics`]: instruments.
+//! - [`metrics`](crate::metrics): instruments.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

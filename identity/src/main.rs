@@ -85,8 +85,7 @@ fn main() -> ExitCode {
 async fn run(args: Args) -> anyhow::Result<()> {
     let server_id: SpiffeId = match &args.server_id {
         Some(id) => id.parse().context("--server-id")?,
-        None => SpiffeId::new(&args.trust_domain, "sidemesh-system", "sidemesh-identity")
-            .context("--trust-domain")?,
+        None => SpiffeId::new(&args.trust_domain, "sidemesh-system", "sidemesh-identity").context("--trust-domain")?,
     };
     let issuer = match (&args.issuer_dir, &args.issuer_cert, &args.issuer_key) {
         (Some(dir), _, _) => IssuerFiles::tls_dir(dir),
@@ -100,8 +99,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let reviewer = TokenReviewer::from_spec(&args.token_reviewer).await?;
     let metrics = sidemesh_telemetry::Metrics::new("sidemesh-identity")?;
-    let instruments =
-        sidemesh_identity::metrics::IdentityMetrics::new(&metrics.meter("sidemesh-identity"));
+    let instruments = sidemesh_identity::metrics::IdentityMetrics::new(&metrics.meter("sidemesh-identity"));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -127,10 +125,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     sidemesh_telemetry::shutdown::signal().await;
     let _ = stop_tx.send(true);
-    if tokio::time::timeout(args.shutdown_grace, running.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(args.shutdown_grace, running.wait()).await.is_err() {
         tracing::warn!("grace period over; exiting with calls in flight");
     }
     Ok(())

@@ -44,15 +44,13 @@ impl IdentityMetrics {
     /// Counts an issued certificate.
     pub fn issued(&self, seconds: f64) {
         self.issued.add(1, &[]);
-        self.duration
-            .record(seconds, &[KeyValue::new("outcome", "issued")]);
+        self.duration.record(seconds, &[KeyValue::new("outcome", "issued")]);
     }
 
     /// Counts a refusal.
     pub fn refused(&self, reason: &'static str, seconds: f64) {
         self.refused.add(1, &[KeyValue::new("reason", reason)]);
-        self.duration
-            .record(seconds, &[KeyValue::new("outcome", "refused")]);
+        self.duration.record(seconds, &[KeyValue::new("outcome", "refused")]);
     }
 
     /// Counts an issuer reload attempt.

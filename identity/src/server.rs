@@ -98,16 +98,13 @@ fn serving_cert(
     lifetime: Duration,
 ) -> Result<(Arc<CertifiedKey>, SystemTime), StartError> {
     let err = |e: String| StartError::ServingCert(e);
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| err(e.to_string()))?;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| err(e.to_string()))?;
     let (leaf, not_after) = issuer
         .sign(id, &control_plane_dns_names(id), &key, lifetime)
         .map_err(|e| err(e.to_string()))?;
     let signing_key = rustls::crypto::ring::default_provider()
         .key_provider
-        .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-            key.serialize_der(),
-        )))
+        .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
         .map_err(|e| err(e.to_string()))?;
     let mut chain = vec![leaf];
     chain.extend(issuer.chain().iter().cloned());
@@ -139,13 +136,11 @@ pub async fn start(
         cert_expiry,
     ));
 
-    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-    .map_err(|e| StartError::ServingCert(e.to_string()))?
-    .with_no_client_auth()
-    .with_cert_resolver(serving);
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| StartError::ServingCert(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(serving);
     tls.alpn_protocols = vec![sidemesh_identity_client::tls::ALPN_H2.to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
 

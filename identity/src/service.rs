@@ -7,9 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::Stream;
 use sidemesh_identity_client::SpiffeId;
 use sidemesh_proto::identity::v1::identity_server::Identity;
-use sidemesh_proto::identity::v1::{
-    CertifyRequest, CertifyResponse, IssuerState, WatchIssuerRequest,
-};
+use sidemesh_proto::identity::v1::{CertifyRequest, CertifyResponse, IssuerState, WatchIssuerRequest};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
@@ -63,11 +61,10 @@ impl Authority {
                 "token is empty: send the ServiceAccount token".into(),
             ));
         }
-        let id: SpiffeId = req.identity.parse().map_err(
-            |e: sidemesh_identity_client::spiffe::SpiffeIdError| {
-                invalid("bad_identity", e.to_string())
-            },
-        )?;
+        let id: SpiffeId = req
+            .identity
+            .parse()
+            .map_err(|e: sidemesh_identity_client::spiffe::SpiffeIdError| invalid("bad_identity", e.to_string()))?;
         if id.trust_domain() != &*self.trust_domain {
             return Err(denied(
                 "foreign_trust_domain",
@@ -75,8 +72,7 @@ impl Authority {
             ));
         }
         // Cheap local checks before the token review, which may be a network call.
-        let csr = crate::csr::check(&req.certificate_signing_request)
-            .map_err(|e| invalid("bad_csr", e.to_string()))?;
+        let csr = crate::csr::check(&req.certificate_signing_request).map_err(|e| invalid("bad_csr", e.to_string()))?;
         if csr.other_sans || csr.uris.is_empty() || csr.uris.len() > 1 {
             return Err(invalid(
                 "bad_csr",
@@ -86,19 +82,10 @@ impl Authority {
                 ),
             ));
         }
-        let sa = self
-            .reviewer
-            .review(&req.token)
-            .await
-            .map_err(|e| match e {
-                ReviewError::Rejected(m) => Refusal(
-                    Status::permission_denied(format!("token refused: {m}")),
-                    "bad_token",
-                ),
-                ReviewError::Unavailable(m) => {
-                    Refusal(Status::unavailable(m), "reviewer_unavailable")
-                }
-            })?;
+        let sa = self.reviewer.review(&req.token).await.map_err(|e| match e {
+            ReviewError::Rejected(m) => Refusal(Status::permission_denied(format!("token refused: {m}")), "bad_token"),
+            ReviewError::Unavailable(m) => Refusal(Status::unavailable(m), "reviewer_unavailable"),
+        })?;
         if sa.namespace != id.namespace() || sa.service_account != id.service_account() {
             return Err(denied(
                 "identity_mismatch",
@@ -111,10 +98,7 @@ impl Authority {
         if csr.uris[0] != id.to_string() {
             return Err(denied(
                 "csr_identity_mismatch",
-                format!(
-                    "the CSR asks for {}, but the request is for {id}",
-                    csr.uris[0]
-                ),
+                format!("the CSR asks for {}, but the request is for {id}", csr.uris[0]),
             ));
         }
         let issuer = self.issuer.borrow().clone();
@@ -153,10 +137,7 @@ type IssuerStream = Pin<Box<dyn Stream<Item = Result<IssuerState, Status>> + Sen
 
 #[tonic::async_trait]
 impl Identity for Authority {
-    async fn certify(
-        &self,
-        request: Request<CertifyRequest>,
-    ) -> Result<Response<CertifyResponse>, Status> {
+    async fn certify(&self, request: Request<CertifyRequest>) -> Result<Response<CertifyResponse>, Status> {
         let started = Instant::now();
         let identity = request.get_ref().identity.clone();
         match Authority::certify(self, request.into_inner()).await {
@@ -165,8 +146,7 @@ impl Identity for Authority {
                 Ok(Response::new(rsp))
             }
             Err(Refusal(status, reason)) => {
-                self.metrics
-                    .refused(reason, started.elapsed().as_secs_f64());
+                self.metrics.refused(reason, started.elapsed().as_secs_f64());
                 tracing::info!(identity = %identity.chars().take(200).collect::<String>(), reason, message = status.message(), "certify refused");
                 Err(status)
             }
@@ -175,10 +155,7 @@ impl Identity for Authority {
 
     type WatchIssuerStream = IssuerStream;
 
-    async fn watch_issuer(
-        &self,
-        _request: Request<WatchIssuerRequest>,
-    ) -> Result<Response<IssuerStream>, Status> {
+    async fn watch_issuer(&self, _request: Request<WatchIssuerRequest>) -> Result<Response<IssuerStream>, Status> {
         let stream = tokio_stream::wrappers::WatchStream::new(self.issuer.clone());
         let stream = futures::StreamExt::map(stream, |issuer| {
             Ok(IssuerState {

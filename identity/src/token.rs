@@ -104,12 +104,8 @@ pub fn parse_username(username: &str) -> Option<ServiceAccountRef> {
     })
 }
 
-async fn review_kubernetes(
-    client: &kube::Client,
-    token: &[u8],
-) -> Result<ServiceAccountRef, ReviewError> {
-    let token = std::str::from_utf8(token)
-        .map_err(|_| ReviewError::Rejected("token is not UTF-8 text".into()))?;
+async fn review_kubernetes(client: &kube::Client, token: &[u8]) -> Result<ServiceAccountRef, ReviewError> {
+    let token = std::str::from_utf8(token).map_err(|_| ReviewError::Rejected("token is not UTF-8 text".into()))?;
     let review = TokenReview {
         spec: TokenReviewSpec {
             token: Some(token.trim().to_owned()),
@@ -131,22 +127,12 @@ async fn review_kubernetes(
             "token is not authenticated by the API server".into(),
         ));
     }
-    if !status
-        .audiences
-        .unwrap_or_default()
-        .iter()
-        .any(|a| a == AUDIENCE)
-    {
-        return Err(ReviewError::Rejected(format!(
-            "token is not for audience {AUDIENCE}"
-        )));
+    if !status.audiences.unwrap_or_default().iter().any(|a| a == AUDIENCE) {
+        return Err(ReviewError::Rejected(format!("token is not for audience {AUDIENCE}")));
     }
     let username = status.user.and_then(|u| u.username).unwrap_or_default();
-    parse_username(&username).ok_or_else(|| {
-        ReviewError::Rejected(format!(
-            "token belongs to {username:?}, not a ServiceAccount"
-        ))
-    })
+    parse_username(&username)
+        .ok_or_else(|| ReviewError::Rejected(format!("token belongs to {username:?}, not a ServiceAccount")))
 }
 
 /// Tokens from a YAML file (`"<token>": { namespace: ns, serviceAccount: sa }`).
@@ -161,8 +147,7 @@ fn parse_tokens(text: &[u8]) -> Result<HashMap<Vec<u8>, ServiceAccountRef>, Stri
     if text.trim().is_empty() {
         return Ok(HashMap::new());
     }
-    let map: HashMap<String, ServiceAccountRef> =
-        serde_saphyr::from_str(text).map_err(|e| e.to_string())?;
+    let map: HashMap<String, ServiceAccountRef> = serde_saphyr::from_str(text).map_err(|e| e.to_string())?;
     Ok(map.into_iter().map(|(k, v)| (k.into_bytes(), v)).collect())
 }
 

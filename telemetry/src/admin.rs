@@ -51,9 +51,7 @@ impl Admin {
         let path = req.uri().path();
         match (req.method(), path) {
             (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
-            (&Method::GET, "/ready") if self.ready.load(Ordering::Acquire) => {
-                text(StatusCode::OK, "ready\n")
-            }
+            (&Method::GET, "/ready") if self.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
             (&Method::GET, "/ready") => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
             (&Method::GET, "/metrics") => {
                 let mut rsp = Response::new(Full::new(Bytes::from(self.metrics.render())));

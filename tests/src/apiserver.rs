@@ -52,15 +52,13 @@ impl ApiServer {
             .push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
         params.is_ca = rcgen::IsCa::NoCa;
         let cert = params.self_signed(&key)?;
-        let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )?;
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -102,8 +100,7 @@ impl ApiServer {
                         let state = state.clone();
                         async move { Ok::<_, std::convert::Infallible>(state.handle(req).await) }
                     });
-                    let builder =
-                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                     let conn = builder.serve_connection(TokioIo::new(tls), svc);
                     // Stopping drops live connections too, as a crashed API server would.
                     tokio::select! {
@@ -123,13 +120,7 @@ impl ApiServer {
     }
 
     /// Makes `token` valid for `system:serviceaccount:<ns>:<sa>` and `audiences`.
-    pub fn add_token(
-        &self,
-        token: &str,
-        namespace: &str,
-        service_account: &str,
-        audiences: &[&str],
-    ) {
+    pub fn add_token(&self, token: &str, namespace: &str, service_account: &str, audiences: &[&str]) {
         if let Ok(mut t) = self.tokens.lock() {
             t.insert(
                 token.to_owned(),
@@ -213,9 +204,7 @@ impl State {
             }
         };
         match (method, path.as_str()) {
-            (Method::POST, "/apis/authentication.k8s.io/v1/tokenreviews") => {
-                self.token_review(&body)
-            }
+            (Method::POST, "/apis/authentication.k8s.io/v1/tokenreviews") => self.token_review(&body),
             _ => status_error(
                 StatusCode::NOT_FOUND,
                 "NotFound",
@@ -226,11 +215,7 @@ impl State {
 
     fn token_review(&self, body: &[u8]) -> Response<Full<Bytes>> {
         let Ok(review) = serde_json::from_slice::<Value>(body) else {
-            return status_error(
-                StatusCode::BAD_REQUEST,
-                "BadRequest",
-                "the body is not a TokenReview",
-            );
+            return status_error(StatusCode::BAD_REQUEST, "BadRequest", "the body is not a TokenReview");
         };
         if review["kind"] != "TokenReview" || review["apiVersion"] != "authentication.k8s.io/v1" {
             return status_error(
@@ -242,11 +227,7 @@ impl State {
         let token = review["spec"]["token"].as_str().unwrap_or_default();
         let wanted: Vec<String> = review["spec"]["audiences"]
             .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(str::to_owned))
-                    .collect()
-            })
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
             .unwrap_or_default();
         let known = self.tokens.lock().ok().and_then(|t| t.get(token).cloned());
         let status = match known {
@@ -261,8 +242,7 @@ impl State {
                 } else {
                     wanted
                 };
-                let granted: Vec<&String> =
-                    wanted.iter().filter(|a| t.audiences.contains(a)).collect();
+                let granted: Vec<&String> = wanted.iter().filter(|a| t.audiences.contains(a)).collect();
                 if granted.is_empty() {
                     json!({
                         "authenticated": false,

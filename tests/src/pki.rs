@@ -26,8 +26,7 @@ impl Pki {
 
     /// As [`Pki::new`], with the issuer's lifetime chosen.
     pub fn with_issuer_lifetime(dir: &Path, lifetime: Duration) -> Self {
-        let root =
-            ca::new_root("cluster.local", Duration::from_secs(10 * 365 * 86400)).expect("root");
+        let root = ca::new_root("cluster.local", Duration::from_secs(10 * 365 * 86400)).expect("root");
         let issuer = ca::new_issuer(&root.cert, &root.key, lifetime).expect("issuer");
         let pki = Self {
             dir: dir.to_owned(),

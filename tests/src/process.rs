@@ -31,12 +31,7 @@ pub struct Proc {
 
 impl Proc {
     /// Starts `name` with `args` and extra environment.
-    pub fn start(
-        name: &str,
-        args: &[&str],
-        env: &[(&str, &str)],
-        log_dir: &std::path::Path,
-    ) -> Self {
+    pub fn start(name: &str, args: &[&str], env: &[(&str, &str)], log_dir: &std::path::Path) -> Self {
         let log = log_dir.join(format!(
             "{name}-{}.log",
             std::time::SystemTime::now()
@@ -56,9 +51,7 @@ impl Proc {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
         Self {
             child,
             name: name.to_owned(),
@@ -81,22 +74,14 @@ impl Proc {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "{} exited with {status} before ready:\n{}",
-                    self.name,
-                    self.log()
-                );
+                panic!("{} exited with {status} before ready:\n{}", self.name, self.log());
             }
             if http_get(admin, "/ready").is_some_and(|(code, _)| code == 200) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!(
-            "{} not ready on {admin} after {timeout:?}:\n{}",
-            self.name,
-            self.log()
-        );
+        panic!("{} not ready on {admin} after {timeout:?}:\n{}", self.name, self.log());
     }
 
     /// Sends SIGTERM and waits for the exit (bounded), returning its status.
@@ -164,14 +149,9 @@ pub fn run(name: &str, args: &[&str], timeout: Duration) -> (ExitStatus, String,
 /// status code and body.
 pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     use std::io::{Read as _, Write as _};
-    let mut s =
-        std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(1)).ok()?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(1)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).ok()?;
     let text = String::from_utf8_lossy(&buf);

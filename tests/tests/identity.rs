@@ -45,11 +45,7 @@ impl Identity {
         let addr = format!("127.0.0.1:{}", free_port());
         let admin = format!("127.0.0.1:{}", free_port());
         let reviewer = format!("file:{}", pki.path("tokens.yaml").display());
-        let (cert, key, bundle) = (
-            pki.path("issuer.crt"),
-            pki.path("issuer.key"),
-            pki.path("bundle.pem"),
-        );
+        let (cert, key, bundle) = (pki.path("issuer.crt"), pki.path("issuer.key"), pki.path("bundle.pem"));
         let mut args: Vec<&str> = vec![
             "--listen",
             &addr,
@@ -89,18 +85,12 @@ impl Identity {
     }
 
     fn client(&self) -> IdentityClient<Channel> {
-        sidemesh_identity_client::client::identity_client(
-            &self.addr,
-            SERVER_ID.parse().expect("id"),
-            self.trust(),
-        )
-        .expect("client")
+        sidemesh_identity_client::client::identity_client(&self.addr, SERVER_ID.parse().expect("id"), self.trust())
+            .expect("client")
     }
 
     fn metrics(&self) -> String {
-        http_get(&self.admin, "/metrics")
-            .map(|(_, b)| b)
-            .unwrap_or_default()
+        http_get(&self.admin, "/metrics").map(|(_, b)| b).unwrap_or_default()
     }
 }
 
@@ -127,10 +117,7 @@ fn request(identity: &str, token: &str, csr: Vec<u8>) -> CertifyRequest {
     }
 }
 
-async fn certify(
-    client: &mut IdentityClient<Channel>,
-    req: CertifyRequest,
-) -> Result<CertifyResponse, tonic::Status> {
+async fn certify(client: &mut IdentityClient<Channel>, req: CertifyRequest) -> Result<CertifyResponse, tonic::Status> {
     client.certify(req).await.map(|r| r.into_inner())
 }
 
@@ -162,11 +149,7 @@ async fn issues_a_spiffe_leaf_that_chains_to_the_bundle() {
     let before = SystemTime::now();
     let rsp = certify(
         &mut client,
-        request(
-            FRONTEND,
-            "token-of-frontend",
-            csr_with(vec![uri(FRONTEND)], false),
-        ),
+        request(FRONTEND, "token-of-frontend", csr_with(vec![uri(FRONTEND)], false)),
     )
     .await
     .expect("certify");
@@ -175,35 +158,17 @@ async fn issues_a_spiffe_leaf_that_chains_to_the_bundle() {
         1,
         "the issuer is sent with the leaf"
     );
-    let (_, leaf) =
-        x509_parser::parse_x509_certificate(&rsp.leaf_certificate).expect("leaf parses");
-    assert_eq!(
-        leaf_sans(&rsp.leaf_certificate),
-        vec![format!("URI:{FRONTEND}")]
-    );
-    let bc = leaf
-        .basic_constraints()
-        .expect("bc")
-        .expect("basicConstraints present");
+    let (_, leaf) = x509_parser::parse_x509_certificate(&rsp.leaf_certificate).expect("leaf parses");
+    assert_eq!(leaf_sans(&rsp.leaf_certificate), vec![format!("URI:{FRONTEND}")]);
+    let bc = leaf.basic_constraints().expect("bc").expect("basicConstraints present");
     assert!(!bc.value.ca, "a workload leaf is not a CA");
-    let eku = leaf
-        .extended_key_usage()
-        .expect("eku")
-        .expect("EKU present")
-        .value;
+    let eku = leaf.extended_key_usage().expect("eku").expect("EKU present").value;
     assert!(eku.server_auth && eku.client_auth);
     // 2h lifetime, backdated one minute.
     let nb = leaf.validity().not_before.timestamp();
     let na = leaf.validity().not_after.timestamp();
-    let now = before
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs() as i64;
-    assert!(
-        (now - 60 - nb).abs() <= 2,
-        "not_before {nb} vs now-60 {}",
-        now - 60
-    );
+    let now = before.duration_since(SystemTime::UNIX_EPOCH).expect("clock").as_secs() as i64;
+    assert!((now - 60 - nb).abs() <= 2, "not_before {nb} vs now-60 {}", now - 60);
     assert!((na - nb - 7200 - 60).abs() <= 2, "lifetime {}", na - nb);
     assert_eq!(rsp.valid_until.as_ref().map(|t| t.seconds), Some(na));
 
@@ -248,11 +213,7 @@ async fn refuses_bad_requests_with_clear_reasons_and_keeps_serving() {
     let ed_key = KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("ed25519");
     let mut ed_params = CertificateParams::default();
     ed_params.subject_alt_names = vec![uri(FRONTEND)];
-    let ed_csr = ed_params
-        .serialize_request(&ed_key)
-        .expect("csr")
-        .der()
-        .to_vec();
+    let ed_csr = ed_params.serialize_request(&ed_key).expect("csr").der().to_vec();
     let backend = "spiffe://cluster.local/ns/default/sa/backend";
 
     let cases: Vec<(&str, CertifyRequest, Code, &str)> = vec![
@@ -282,21 +243,13 @@ async fn refuses_bad_requests_with_clear_reasons_and_keeps_serving() {
         ),
         (
             "someone else's identity",
-            request(
-                backend,
-                "token-of-frontend",
-                csr_with(vec![uri(backend)], false),
-            ),
+            request(backend, "token-of-frontend", csr_with(vec![uri(backend)], false)),
             Code::PermissionDenied,
             "may not request",
         ),
         (
             "CSR for another identity",
-            request(
-                FRONTEND,
-                "token-of-frontend",
-                csr_with(vec![uri(backend)], false),
-            ),
+            request(FRONTEND, "token-of-frontend", csr_with(vec![uri(backend)], false)),
             Code::PermissionDenied,
             "the CSR asks for",
         ),
@@ -306,10 +259,7 @@ async fn refuses_bad_requests_with_clear_reasons_and_keeps_serving() {
                 FRONTEND,
                 "token-of-frontend",
                 csr_with(
-                    vec![
-                        uri(FRONTEND),
-                        SanType::DnsName("evil.example".try_into().expect("dns")),
-                    ],
+                    vec![uri(FRONTEND), SanType::DnsName("evil.example".try_into().expect("dns"))],
                     false,
                 ),
             ),
@@ -330,11 +280,7 @@ async fn refuses_bad_requests_with_clear_reasons_and_keeps_serving() {
         ),
         (
             "garbage CSR",
-            request(
-                FRONTEND,
-                "token-of-frontend",
-                b"\x30\x82garbage-garbage".to_vec(),
-            ),
+            request(FRONTEND, "token-of-frontend", b"\x30\x82garbage-garbage".to_vec()),
             Code::InvalidArgument,
             "PKCS#10",
         ),
@@ -379,28 +325,13 @@ async fn refuses_bad_requests_with_clear_reasons_and_keeps_serving() {
     // Still serving, and a CSR that asks for CA rights gets a plain leaf.
     let rsp = certify(
         &mut client,
-        request(
-            FRONTEND,
-            "token-of-frontend",
-            csr_with(vec![uri(FRONTEND)], true),
-        ),
+        request(FRONTEND, "token-of-frontend", csr_with(vec![uri(FRONTEND)], true)),
     )
     .await
     .expect("still serving");
     let (_, leaf) = x509_parser::parse_x509_certificate(&rsp.leaf_certificate).expect("leaf");
-    assert!(
-        !leaf
-            .basic_constraints()
-            .expect("bc")
-            .expect("present")
-            .value
-            .ca
-    );
-    assert!(
-        leaf.key_usage()
-            .expect("ku")
-            .is_some_and(|k| !k.value.key_cert_sign())
-    );
+    assert!(!leaf.basic_constraints().expect("bc").expect("present").value.ca);
+    assert!(leaf.key_usage().expect("ku").is_some_and(|k| !k.value.key_cert_sign()));
 
     let metrics = id.metrics();
     for reason in [
@@ -433,24 +364,16 @@ async fn survives_tls_garbage_and_half_open_connections() {
         &[0u8; 4096],
         b"",
     ] {
-        let mut s = tokio::net::TcpStream::connect(&id.addr)
-            .await
-            .expect("connect");
+        let mut s = tokio::net::TcpStream::connect(&id.addr).await.expect("connect");
         let _ = s.write_all(payload).await;
         drop(s);
     }
     // A connection that never finishes its handshake must not block others.
-    let _idle = tokio::net::TcpStream::connect(&id.addr)
-        .await
-        .expect("connect");
+    let _idle = tokio::net::TcpStream::connect(&id.addr).await.expect("connect");
     let mut client = id.client();
     certify(
         &mut client,
-        request(
-            FRONTEND,
-            "token-of-frontend",
-            csr_with(vec![uri(FRONTEND)], false),
-        ),
+        request(FRONTEND, "token-of-frontend", csr_with(vec![uri(FRONTEND)], false)),
     )
     .await
     .expect("serving after garbage");
@@ -472,11 +395,7 @@ async fn standard_grpc_clients_verify_the_server_by_dns_name() {
     let mut client = IdentityClient::new(channel);
     certify(
         &mut client,
-        request(
-            FRONTEND,
-            "token-of-frontend",
-            csr_with(vec![uri(FRONTEND)], false),
-        ),
+        request(FRONTEND, "token-of-frontend", csr_with(vec![uri(FRONTEND)], false)),
     )
     .await
     .expect("certify");
@@ -485,28 +404,19 @@ async fn standard_grpc_clients_verify_the_server_by_dns_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leaves_never_outlive_the_issuer() {
     let id = Identity::start_with(&["--leaf-lifetime", "24h"], &[], |pki| {
-        let short = sidemesh_identity::ca::new_issuer(
-            &pki.root.cert,
-            &pki.root.key,
-            Duration::from_secs(3600),
-        )
-        .expect("issuer");
+        let short = sidemesh_identity::ca::new_issuer(&pki.root.cert, &pki.root.key, Duration::from_secs(3600))
+            .expect("issuer");
         pki::write(&pki.path("issuer.crt"), &short.cert);
         pki::write(&pki.path("issuer.key"), &short.key);
     });
     let mut client = id.client();
     let rsp = certify(
         &mut client,
-        request(
-            FRONTEND,
-            "token-of-frontend",
-            csr_with(vec![uri(FRONTEND)], false),
-        ),
+        request(FRONTEND, "token-of-frontend", csr_with(vec![uri(FRONTEND)], false)),
     )
     .await
     .expect("certify");
-    let (_, issuer) =
-        x509_parser::parse_x509_certificate(&rsp.intermediate_certificates[0]).expect("issuer");
+    let (_, issuer) = x509_parser::parse_x509_certificate(&rsp.intermediate_certificates[0]).expect("issuer");
     let (_, leaf) = x509_parser::parse_x509_certificate(&rsp.leaf_certificate).expect("leaf");
     assert_eq!(leaf.validity().not_after, issuer.validity().not_after);
 }
@@ -526,30 +436,17 @@ async fn issuer_and_bundle_reload_without_restart_and_bad_issuers_are_refused() 
         .await
         .expect("watch")
         .into_inner();
-    let announced = issuers
-        .message()
-        .await
-        .expect("stream")
-        .expect("first state");
+    let announced = issuers.message().await.expect("stream").expect("first state");
     assert_eq!(announced.issuer_fingerprint, old_issuer);
 
     // 1. A key that is not the certificate's: refused, old issuer stays.
-    let other = sidemesh_identity::ca::new_issuer(
-        &id.pki.root.cert,
-        &id.pki.root.key,
-        Duration::from_secs(86400),
-    )
-    .expect("issuer");
+    let other = sidemesh_identity::ca::new_issuer(&id.pki.root.cert, &id.pki.root.key, Duration::from_secs(86400))
+        .expect("issuer");
     pki::write(&id.pki.path("issuer.key"), &other.key);
     // 2. An issuer from a root outside the bundle: refused.
-    let foreign_root =
-        sidemesh_identity::ca::new_root("cluster.local", Duration::from_secs(86400)).expect("root");
-    let foreign = sidemesh_identity::ca::new_issuer(
-        &foreign_root.cert,
-        &foreign_root.key,
-        Duration::from_secs(86400),
-    )
-    .expect("issuer");
+    let foreign_root = sidemesh_identity::ca::new_root("cluster.local", Duration::from_secs(86400)).expect("root");
+    let foreign = sidemesh_identity::ca::new_issuer(&foreign_root.cert, &foreign_root.key, Duration::from_secs(86400))
+        .expect("issuer");
     tokio::time::sleep(Duration::from_millis(400)).await;
     pki::write(&id.pki.path("issuer.crt"), &foreign.cert);
     pki::write(&id.pki.path("issuer.key"), &foreign.key);
@@ -592,10 +489,7 @@ async fn issuer_and_bundle_reload_without_restart_and_bad_issuers_are_refused() 
         .await
         .expect("certify");
     assert_eq!(issuer_of(&issued), switched);
-    assert_eq!(
-        switched,
-        sidemesh_identity_client::fingerprint(&pem_der(&foreign.cert))
-    );
+    assert_eq!(switched, sidemesh_identity_client::fingerprint(&pem_der(&foreign.cert)));
     assert_eq!(id.proc.pid(), pid);
     let metrics = id.metrics();
     assert!(
@@ -628,18 +522,9 @@ async fn token_file_changes_apply_without_restart() {
     let id = Identity::start(&[]);
     let mut client = id.client();
     let backend = "spiffe://cluster.local/ns/shop/sa/backend";
-    let req = || {
-        request(
-            backend,
-            "token-of-backend",
-            csr_with(vec![uri(backend)], false),
-        )
-    };
+    let req = || request(backend, "token-of-backend", csr_with(vec![uri(backend)], false));
     assert_eq!(
-        certify(&mut client, req())
-            .await
-            .expect_err("unknown yet")
-            .code(),
+        certify(&mut client, req()).await.expect_err("unknown yet").code(),
         Code::PermissionDenied
     );
     pki::write(
@@ -664,23 +549,14 @@ async fn token_file_changes_apply_without_restart() {
     // A broken token file is refused; the tokens in force stay.
     pki::write(&id.pki.path("tokens.yaml"), "{ this is: [not, valid");
     tokio::time::sleep(Duration::from_millis(400)).await;
-    certify(&mut client, req())
-        .await
-        .expect("old tokens still valid");
+    certify(&mut client, req()).await.expect("old tokens still valid");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_token_review_through_the_api_server() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let api = ApiServer::start(dir.path())
-        .await
-        .expect("stand-in API server");
-    api.add_token(
-        "sa-token-frontend",
-        "default",
-        "frontend",
-        &["sidemesh-identity"],
-    );
+    let api = ApiServer::start(dir.path()).await.expect("stand-in API server");
+    api.add_token("sa-token-frontend", "default", "frontend", &["sidemesh-identity"]);
     api.add_token(
         "sa-token-wrong-audience",
         "default",
@@ -698,12 +574,9 @@ async fn kubernetes_token_review_through_the_api_server() {
     certify(&mut client, request(FRONTEND, "sa-token-frontend", csr()))
         .await
         .expect("reviewed token accepted");
-    let err = certify(
-        &mut client,
-        request(FRONTEND, "sa-token-wrong-audience", csr()),
-    )
-    .await
-    .expect_err("audience");
+    let err = certify(&mut client, request(FRONTEND, "sa-token-wrong-audience", csr()))
+        .await
+        .expect_err("audience");
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains("audience"), "{}", err.message());
     let err = certify(&mut client, request(FRONTEND, "forged", csr()))
@@ -713,11 +586,7 @@ async fn kubernetes_token_review_through_the_api_server() {
     let backend = "spiffe://cluster.local/ns/default/sa/backend";
     let err = certify(
         &mut client,
-        request(
-            backend,
-            "sa-token-frontend",
-            csr_with(vec![uri(backend)], false),
-        ),
+        request(backend, "sa-token-frontend", csr_with(vec![uri(backend)], false)),
     )
     .await
     .expect_err("spoof");
@@ -727,12 +596,7 @@ async fn kubernetes_token_review_through_the_api_server() {
         .iter()
         .filter(|r| *r == "POST /apis/authentication.k8s.io/v1/tokenreviews")
         .count();
-    assert_eq!(
-        reviews,
-        4,
-        "one TokenReview per request: {:?}",
-        api.requests()
-    );
+    assert_eq!(reviews, 4, "one TokenReview per request: {:?}", api.requests());
 
     api.stop();
     let err = certify(&mut client, request(FRONTEND, "sa-token-frontend", csr()))
@@ -764,22 +628,18 @@ async fn cert_manager_obtains_renews_and_follows_issuer_switches() {
 
     // Lifetime 6s + 60s backdate: renewal at 65-75% of 66s is ~40s away; a
     // new issuer must trigger re-certification within the jitter instead.
-    let new_issuer = sidemesh_identity::ca::new_issuer(
-        &id.pki.root.cert,
-        &id.pki.root.key,
-        Duration::from_secs(86400),
-    )
-    .expect("issuer");
+    let new_issuer = sidemesh_identity::ca::new_issuer(&id.pki.root.cert, &id.pki.root.key, Duration::from_secs(86400))
+        .expect("issuer");
     pki::write(&id.pki.path("issuer.crt"), &new_issuer.cert);
     pki::write(&id.pki.path("issuer.key"), &new_issuer.key);
     let want = sidemesh_identity_client::fingerprint(&pem_der(&new_issuer.cert));
     let mut rx = manager.subscribe();
     let got = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            if let Some(c) = rx.borrow_and_update().clone() {
-                if c.issuer_fingerprint == want {
-                    return c;
-                }
+            if let Some(c) = rx.borrow_and_update().clone()
+                && c.issuer_fingerprint == want
+            {
+                return c;
             }
             rx.changed().await.expect("manager alive");
         }
@@ -794,12 +654,8 @@ async fn cert_manager_obtains_renews_and_follows_issuer_switches() {
 fn startup_with_unusable_files_is_one_clear_line_and_nonzero() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new(dir.path());
-    let other = sidemesh_identity::ca::new_issuer(
-        &pki.root.cert,
-        &pki.root.key,
-        Duration::from_secs(86400),
-    )
-    .expect("issuer");
+    let other =
+        sidemesh_identity::ca::new_issuer(&pki.root.cert, &pki.root.key, Duration::from_secs(86400)).expect("issuer");
     pki::write(&pki.path("other.key"), &other.key);
     pki::write(&pki.path("garbage.pem"), "not pem at all");
     pki::write(&pki.path("tokens.yaml"), "");
@@ -876,14 +732,8 @@ fn startup_with_unusable_files_is_one_clear_line_and_nonzero() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (status, _, stderr) = run("sidemesh-identity", &args, Duration::from_secs(20));
         assert!(!status.success(), "{args:?} started");
-        assert!(
-            stderr.contains(needle),
-            "{args:?}: stderr {stderr:?} lacks {needle:?}"
-        );
-        assert!(
-            stderr.trim().lines().count() <= 3,
-            "not one clear line: {stderr}"
-        );
+        assert!(stderr.contains(needle), "{args:?}: stderr {stderr:?} lacks {needle:?}");
+        assert!(stderr.trim().lines().count() <= 3, "not one clear line: {stderr}");
     }
 }
 

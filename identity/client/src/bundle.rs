@@ -82,17 +82,10 @@ impl TrustBundle {
         let mut roots: Vec<Root> = Vec::with_capacity(ders.len());
         let mut anchors = Vec::with_capacity(ders.len());
         for (i, der) in ders.into_iter().enumerate() {
-            let bad = |reason: String| BundleError::BadRoot {
-                index: i + 1,
-                reason,
-            };
-            let (_, cert) = x509_parser::parse_x509_certificate(&der)
-                .map_err(|e| bad(format!("not an X.509 certificate: {e}")))?;
-            let is_ca = cert
-                .basic_constraints()
-                .ok()
-                .flatten()
-                .is_some_and(|bc| bc.value.ca);
+            let bad = |reason: String| BundleError::BadRoot { index: i + 1, reason };
+            let (_, cert) =
+                x509_parser::parse_x509_certificate(&der).map_err(|e| bad(format!("not an X.509 certificate: {e}")))?;
+            let is_ca = cert.basic_constraints().ok().flatten().is_some_and(|bc| bc.value.ca);
             if !is_ca {
                 return Err(bad(format!("{} is not a CA certificate", cert.subject())));
             }
@@ -104,9 +97,7 @@ impl TrustBundle {
                 .map_err(|e| bad(format!("unusable as a trust anchor: {e:?}")))?
                 .to_owned();
             let not_after = SystemTime::UNIX_EPOCH
-                + std::time::Duration::from_secs(
-                    cert.validity().not_after.timestamp().max(0) as u64
-                );
+                + std::time::Duration::from_secs(cert.validity().not_after.timestamp().max(0) as u64);
             roots.push(Root {
                 subject: cert.subject().to_string(),
                 fingerprint: fp,
@@ -149,19 +140,13 @@ impl TrustBundle {
     pub fn root_for_anchor(&self, anchor: &TrustAnchor<'_>) -> Option<&Root> {
         self.anchors
             .iter()
-            .position(|a| {
-                a.subject == anchor.subject
-                    && a.subject_public_key_info == anchor.subject_public_key_info
-            })
+            .position(|a| a.subject == anchor.subject && a.subject_public_key_info == anchor.subject_public_key_info)
             .map(|i| &self.roots[i])
     }
 
     /// PEM text of the bundle.
     pub fn to_pem(&self) -> String {
-        self.roots
-            .iter()
-            .map(|r| pem_encode("CERTIFICATE", &r.der))
-            .collect()
+        self.roots.iter().map(|r| pem_encode("CERTIFICATE", &r.der)).collect()
     }
 }
 

@@ -26,38 +26,30 @@ pub fn channel(addr: &str, server_id: SpiffeId, trust: TrustStore) -> Result<Cha
     let (host, _port) = addr
         .rsplit_once(':')
         .ok_or_else(|| ClientError::Address(addr.to_owned()))?;
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let server_name =
-        ServerName::try_from(host).map_err(|_| ClientError::Address(addr.to_owned()))?;
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .map_err(|_| ClientError::Address(addr.to_owned()))?
-    .dangerous()
-    .with_custom_certificate_verifier(Arc::new(ServerIdVerifier::new(trust, server_id)))
-    .with_no_client_auth();
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let server_name = ServerName::try_from(host).map_err(|_| ClientError::Address(addr.to_owned()))?;
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|_| ClientError::Address(addr.to_owned()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ServerIdVerifier::new(trust, server_id)))
+        .with_no_client_auth();
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let target = addr.to_owned();
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|_| ClientError::Address(addr.to_owned()))?;
-    Ok(
-        endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri| {
-            let connector = connector.clone();
-            let server_name = server_name.clone();
-            let target = target.clone();
-            async move {
-                let tcp = TcpStream::connect(&target).await?;
-                let _ = tcp.set_nodelay(true);
-                let tls = connector.connect(server_name, tcp).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
-            }
-        })),
-    )
+    let endpoint =
+        Endpoint::from_shared(format!("http://{addr}")).map_err(|_| ClientError::Address(addr.to_owned()))?;
+    Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri| {
+        let connector = connector.clone();
+        let server_name = server_name.clone();
+        let target = target.clone();
+        async move {
+            let tcp = TcpStream::connect(&target).await?;
+            let _ = tcp.set_nodelay(true);
+            let tls = connector.connect(server_name, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    })))
 }
 
 /// A client of the identity service.

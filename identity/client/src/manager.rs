@@ -168,10 +168,7 @@ async fn run(
 }
 
 fn renew_point(cert: &WorkloadCert) -> SystemTime {
-    let lifetime = cert
-        .not_after
-        .duration_since(cert.not_before)
-        .unwrap_or_default();
+    let lifetime = cert.not_after.duration_since(cert.not_before).unwrap_or_default();
     cert.not_before + lifetime.mul_f64(jitter(RENEW_AT))
 }
 
@@ -218,10 +215,7 @@ pub fn accept(
 ) -> Result<WorkloadCert, CertifyError> {
     let bad = |m: String| CertifyError::BadCertificate(m);
     let leaf = CertificateDer::from(leaf);
-    let intermediates: Vec<CertificateDer<'static>> = intermediates
-        .into_iter()
-        .map(CertificateDer::from)
-        .collect();
+    let intermediates: Vec<CertificateDer<'static>> = intermediates.into_iter().map(CertificateDer::from).collect();
     let bundle = trust.current();
     let root = crate::verify::verify_chain(
         &bundle,
@@ -282,12 +276,7 @@ async fn watch_issuer(
                 config.identity_server_id.clone(),
                 config.trust.clone(),
             )?;
-            Ok::<_, CertifyError>(
-                client
-                    .watch_issuer(WatchIssuerRequest {})
-                    .await?
-                    .into_inner(),
-            )
+            Ok::<_, CertifyError>(client.watch_issuer(WatchIssuerRequest {}).await?.into_inner())
         };
         match stream.await {
             Ok(mut stream) => {
@@ -295,10 +284,7 @@ async fn watch_issuer(
                 loop {
                     match stream.message().await {
                         Ok(Some(state)) => {
-                            let held = certs
-                                .borrow()
-                                .as_ref()
-                                .map(|c| c.issuer_fingerprint.clone());
+                            let held = certs.borrow().as_ref().map(|c| c.issuer_fingerprint.clone());
                             if held.is_some_and(|h| h != state.issuer_fingerprint) {
                                 let delay = config.renew_jitter.mul_f64(jitter(0.0..1.0));
                                 tracing::info!(issuer = %state.issuer_fingerprint, delay_ms = delay.as_millis() as u64, "identity service switched issuer; re-certifying");

@@ -23,11 +23,7 @@ pub struct SpiffeId {
 
 impl SpiffeId {
     /// Builds an ID from its parts, checking each.
-    pub fn new(
-        trust_domain: &str,
-        namespace: &str,
-        service_account: &str,
-    ) -> Result<Self, SpiffeIdError> {
+    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Result<Self, SpiffeIdError> {
         format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}").parse()
     }
 
@@ -82,13 +78,9 @@ impl FromStr for SpiffeId {
             ));
         }
         let mut parts = path.split('/');
-        let (Some("ns"), Some(ns), Some("sa"), Some(sa), None) = (
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-        ) else {
+        let (Some("ns"), Some(ns), Some("sa"), Some(sa), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             return Err(err("the path must be /ns/<namespace>/sa/<serviceaccount>"));
         };
         if !is_k8s_name(ns) || !is_k8s_name(sa) {
@@ -118,19 +110,11 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/frontend"
-            .parse()
-            .unwrap();
+        let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/frontend".parse().unwrap();
         assert_eq!(id.namespace(), "default");
         assert_eq!(id.service_account(), "frontend");
-        assert_eq!(
-            id.to_string(),
-            "spiffe://cluster.local/ns/default/sa/frontend"
-        );
-        assert_eq!(
-            SpiffeId::new("cluster.local", "default", "frontend").unwrap(),
-            id
-        );
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/default/sa/frontend");
+        assert_eq!(SpiffeId::new("cluster.local", "default", "frontend").unwrap(), id);
     }
 
     #[test]

@@ -39,11 +39,7 @@ impl ResolvesServerCert for CurrentCert {
 }
 
 impl ResolvesClientCert for CurrentCert {
-    fn resolve(
-        &self,
-        _root_hint_subjects: &[&[u8]],
-        _sigschemes: &[SignatureScheme],
-    ) -> Option<Arc<CertifiedKey>> {
+    fn resolve(&self, _root_hint_subjects: &[&[u8]], _sigschemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
         self.key()
     }
 

@@ -18,8 +18,7 @@ use crate::spiffe::SpiffeId;
 
 /// The SPIFFE IDs (URI SANs starting `spiffe://`) a certificate names.
 pub fn uri_sans(der: &[u8]) -> Result<Vec<String>, String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| format!("not an X.509 certificate: {e}"))?;
     let sans = cert
         .subject_alternative_name()
         .map_err(|e| format!("bad subjectAltName: {e}"))?;
@@ -42,9 +41,7 @@ pub fn uri_sans(der: &[u8]) -> Result<Vec<String>, String> {
 pub fn peer_id(der: &[u8]) -> Result<SpiffeId, String> {
     let uris = uri_sans(der)?;
     match uris.as_slice() {
-        [one] => one
-            .parse()
-            .map_err(|e: crate::spiffe::SpiffeIdError| e.to_string()),
+        [one] => one.parse().map_err(|e: crate::spiffe::SpiffeIdError| e.to_string()),
         [] => Err("certificate has no URI SAN".into()),
         _ => Err("certificate has several URI SANs".into()),
     }
@@ -79,9 +76,7 @@ pub fn verify_chain<'b>(
         .map_err(pki_error)?;
     bundle
         .root_for_anchor(path.anchor())
-        .ok_or(rustls::Error::InvalidCertificate(
-            CertificateError::UnknownIssuer,
-        ))
+        .ok_or(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer))
 }
 
 fn pki_error(e: webpki::Error) -> rustls::Error {
@@ -93,9 +88,7 @@ fn pki_error(e: webpki::Error) -> rustls::Error {
         E::UnknownIssuer => CertificateError::UnknownIssuer,
         E::InvalidSignatureForPublicKey => CertificateError::BadSignature,
         E::RequiredEkuNotFoundContext(_) => CertificateError::InvalidPurpose,
-        other => {
-            CertificateError::Other(rustls::OtherError(Arc::new(PkiError(format!("{other:?}")))))
-        }
+        other => CertificateError::Other(rustls::OtherError(Arc::new(PkiError(format!("{other:?}"))))),
     };
     rustls::Error::InvalidCertificate(ce)
 }
@@ -105,9 +98,7 @@ fn pki_error(e: webpki::Error) -> rustls::Error {
 struct PkiError(String);
 
 fn identity_error(msg: String) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
-        PkiError(msg),
-    ))))
+    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(PkiError(msg)))))
 }
 
 /// Client side: the server must chain to the bundle and present exactly
@@ -148,12 +139,10 @@ impl ServerCertVerifier for ServerIdVerifier {
         )?;
         let uris = uri_sans(end_entity).map_err(identity_error)?;
         let want = self.expected.to_string();
-        if uris.iter().any(|u| *u == want) {
+        if uris.contains(&want) {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(identity_error(format!(
-                "server presented {uris:?}, expected {want}"
-            )))
+            Err(identity_error(format!("server presented {uris:?}, expected {want}")))
         }
     }
 
