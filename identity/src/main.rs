@@ -64,10 +64,18 @@ fn main() -> ExitCode {
         eprintln!("sidemesh-identity: {e}");
         return ExitCode::from(2);
     }
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = args.workers {
-        rt.worker_threads(n.max(1));
-    }
+    // One worker: a current-thread runtime. Besides saving a thread, its
+    // scheduler runs a woken connection task after the request tasks already
+    // queued, so responses finished together leave in one write.
+    let mut rt = match args.workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.max(1));
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let result = rt
         .enable_all()
         .build()

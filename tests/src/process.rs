@@ -30,17 +30,26 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `name` with `args` and extra environment.
+    /// Starts the workspace binary `name` with `args` and extra environment.
     pub fn start(name: &str, args: &[&str], env: &[(&str, &str)], log_dir: &std::path::Path) -> Self {
-        let log = log_dir.join(format!(
-            "{name}-{}.log",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_nanos()
-        ));
+        Self::start_program(&binary(name), name, args, env, log_dir)
+    }
+
+    /// Starts any program (e.g. `taskset` or `ip netns exec` wrapping a binary).
+    pub fn start_program(
+        program: &std::path::Path,
+        label: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log_dir: &std::path::Path,
+    ) -> Self {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let log = log_dir.join(format!("{label}-{stamp}.log"));
         let file = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(binary(name));
+        let mut cmd = Command::new(program);
         cmd.args(args)
             .env("SIDEMESH_LOG", "info,sidemesh=debug")
             .env("SIDEMESH_LOG_FORMAT", "plain")
@@ -51,10 +60,10 @@ impl Proc {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {label}: {e}"));
         Self {
             child,
-            name: name.to_owned(),
+            name: label.to_owned(),
             log,
         }
     }
