@@ -1,7 +1,10 @@
 //! Compiles the .proto files with protox (pure Rust), so no system `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/sidemesh/identity/v1/identity.proto"];
+    let files = [
+        "proto/sidemesh/identity/v1/identity.proto",
+        "proto/sidemesh/destination/v1/destination.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }

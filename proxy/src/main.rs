@@ -1,10 +1,10 @@
 //! `sidemesh-proxy`: the sidecar data plane and its iptables init step.
-//! Not built yet: both subcommands say so and exit non-zero.
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use sidemesh_proxy::capture;
 
 /// The sidemesh sidecar proxy.
 #[derive(Debug, Parser)]
@@ -19,15 +19,20 @@ enum Command {
     /// Run the sidecar (the default).
     Run,
     /// Program the Pod's iptables so its TCP traffic passes through the proxy.
-    Init,
+    Init(capture::InitArgs),
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let what = match args.command.unwrap_or(Command::Run) {
-        Command::Run => "run",
-        Command::Init => "init",
+    let result = match args.command.unwrap_or(Command::Run) {
+        Command::Run => Err(anyhow::anyhow!("`sidemesh-proxy run` is not built yet")),
+        Command::Init(init) => capture::run(init),
     };
-    eprintln!("sidemesh-proxy: `{what}` is not built yet in this version of sidemesh");
-    ExitCode::FAILURE
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sidemesh-proxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
