@@ -10,6 +10,7 @@
 //! - [`tls`]: rustls configurations that follow certificate and bundle changes
 //!   without being rebuilt;
 //! - [`csr`] and [`client`]: the key kept in memory, the CSR, the `Certify` call;
+//! - [`settings`]: the `SIDEMESH_*` identity settings every workload takes;
 //! - [`manager`]: keeps a workload certificate fresh (renewal at 70% of its
 //!   lifetime with jitter, backoff on failure while the current one stays in use).
 #![forbid(unsafe_code)]
@@ -19,6 +20,7 @@ pub mod bundle;
 pub mod client;
 pub mod csr;
 pub mod manager;
+pub mod settings;
 pub mod spiffe;
 pub mod tls;
 pub mod verify;
