@@ -1,8 +1,63 @@
-//! The sidemesh sidecar proxy.
+//! The sidemesh sidecar proxy. A connection's path, file by file:
 //!
 //! - [`capture`]: `sidemesh-proxy init`, the iptables rules that send the
-//!   Pod's TCP traffic through the proxy.
+//!   Pod's TCP traffic to the outbound and inbound ports;
+//! - [`socket`]: the original destination of a redirected connection;
+//! - [`detect`]: HTTP/1, HTTP/2, TLS or opaque, from the first bytes;
+//! - [`discovery`]: what the destination is (the destination service's stream);
+//! - [`outbound`]: the application's connections out;
+//! - [`pool`]: mTLS HTTP/2 connections to peer proxies, plain clients;
+//! - [`tls`]: mesh TLS configurations;
+//! - [`inbound`]: connections in, mTLS terminated, delivered to the application;
+//! - [`http`]: request rewriting between HTTP/1, HTTP/2 and the mesh hop;
+//! - [`admin`]: `/ready`, `/live`, `/metrics`, `/debug/state`, `POST /shutdown`;
+//! - [`drain`]: graceful shutdown.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod capture;
+pub mod config;
+pub mod detect;
+pub mod discovery;
+pub mod drain;
+pub mod http;
+pub mod inbound;
+pub mod outbound;
+pub mod pool;
+pub mod run;
+pub mod socket;
+pub mod tls;
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use sidemesh_identity_client::{CertManager, TrustStore};
+
+/// Everything a connection handler needs, shared.
+#[derive(Debug)]
+pub struct Proxy {
+    /// Pooled mesh connections (and mesh TLS); `None` without an identity.
+    pub pool: Option<pool::MeshPool>,
+    /// Plain HTTP clients (unmeshed upstreams and the local application).
+    pub plain: pool::PlainClients,
+    /// Discovery cache.
+    pub discovery: discovery::Discovery,
+    /// Certificate manager, when an identity service is configured.
+    pub certs: Option<CertManager>,
+    /// Trust bundle in force.
+    pub trust: Option<TrustStore>,
+    /// Ports never inspected.
+    pub opaque_ports: BTreeSet<u16>,
+    /// Where inbound traffic goes.
+    pub app_ip: IpAddr,
+    /// Inbound policy.
+    pub inbound_policy: config::InboundPolicy,
+    /// First-bytes wait.
+    pub detect_timeout: Duration,
+    /// Graceful shutdown.
+    pub drain: drain::Drain,
+}
+
+pub use run::run;

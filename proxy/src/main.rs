@@ -17,15 +17,35 @@ struct Args {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the sidecar (the default).
-    Run,
+    Run(Box<sidemesh_proxy::config::ProxyArgs>),
     /// Program the Pod's iptables so its TCP traffic passes through the proxy.
     Init(capture::InitArgs),
 }
 
+/// The run settings alone, for when no subcommand is given.
+#[derive(Debug, Parser)]
+#[command(name = "sidemesh-proxy")]
+struct RunOnly {
+    #[command(flatten)]
+    args: sidemesh_proxy::config::ProxyArgs,
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
-    let result = match args.command.unwrap_or(Command::Run) {
-        Command::Run => Err(anyhow::anyhow!("`sidemesh-proxy run` is not built yet")),
+    if let Err(e) = sidemesh_telemetry::logging::init() {
+        eprintln!("sidemesh-proxy: {e}");
+        return ExitCode::from(2);
+    }
+    let command = match args.command {
+        Some(c) => c,
+        // `sidemesh-proxy` alone runs the sidecar with settings from the environment.
+        None => match RunOnly::try_parse_from(std::env::args_os().take(1)) {
+            Ok(r) => Command::Run(Box::new(r.args)),
+            Err(e) => e.exit(),
+        },
+    };
+    let result = match command {
+        Command::Run(args) => sidemesh_proxy::run(*args),
         Command::Init(init) => capture::run(init),
     };
     match result {

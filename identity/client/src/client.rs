@@ -8,7 +8,7 @@ use sidemesh_proto::identity::v1::identity_client::IdentityClient;
 use tokio::net::TcpStream;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::tls::ALPN_H2;
+use crate::tls::{ALPN_H2, CurrentCert};
 use crate::verify::ServerIdVerifier;
 use crate::{SpiffeId, TrustStore};
 
@@ -23,17 +23,35 @@ pub enum ClientError {
 /// A lazily connected channel to a sidemesh control-plane gRPC server at
 /// `addr` (`host:port`) that must present `server_id`. Reconnects on its own.
 pub fn channel(addr: &str, server_id: SpiffeId, trust: TrustStore) -> Result<Channel, ClientError> {
+    tls_channel(addr, server_id, trust, None)
+}
+
+/// As [`channel`], presenting the workload certificate `cert` (mTLS), as
+/// proxies do towards the destination service.
+pub fn mtls_channel(addr: &str, server_id: SpiffeId, trust: TrustStore, cert: CurrentCert) -> Result<Channel, ClientError> {
+    tls_channel(addr, server_id, trust, Some(cert))
+}
+
+fn tls_channel(
+    addr: &str,
+    server_id: SpiffeId,
+    trust: TrustStore,
+    cert: Option<CurrentCert>,
+) -> Result<Channel, ClientError> {
     let (host, _port) = addr
         .rsplit_once(':')
         .ok_or_else(|| ClientError::Address(addr.to_owned()))?;
     let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
     let server_name = ServerName::try_from(host).map_err(|_| ClientError::Address(addr.to_owned()))?;
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|_| ClientError::Address(addr.to_owned()))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(ServerIdVerifier::new(trust, server_id)))
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(Arc::new(ServerIdVerifier::new(trust, server_id)));
+    let mut config = match cert {
+        Some(cert) => config.with_client_cert_resolver(Arc::new(cert)),
+        None => config.with_no_client_auth(),
+    };
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let target = addr.to_owned();

@@ -1,0 +1,201 @@
+//! The discovery client: one gRPC stream to the destination service over
+//! mTLS, multiplexing a subscription per original destination, and a cache
+//! that keeps serving the last known state when the stream drops. Without a
+//! destination service every target resolves to [`Resolution::Unknown`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sidemesh_proto::destination::v1::destination_client::DestinationClient;
+use sidemesh_proto::destination::v1::{
+    self as pb, DiscoveryRequest, DiscoveryResponse, discovery_request, discovery_response,
+};
+use tokio::sync::{mpsc, watch};
+
+/// What an original destination is, as far as the mesh knows.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resolution {
+    /// Not known (yet, or at all): forward to the original destination.
+    Unknown,
+    /// A Service's ClusterIP:port.
+    Service(Arc<pb::Service>),
+    /// A Pod's IP:port.
+    Pod(Arc<pb::Endpoint>),
+}
+
+/// How long a new target waits for its first answer before it is treated
+/// as unknown (and forwarded as-is).
+pub const FIRST_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The discovery cache.
+#[derive(Clone, Debug)]
+pub struct Discovery {
+    inner: Option<Arc<Inner>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    targets: Mutex<HashMap<SocketAddr, watch::Sender<Option<Resolution>>>>,
+    requests: mpsc::UnboundedSender<SocketAddr>,
+    connected: watch::Sender<bool>,
+}
+
+impl Discovery {
+    /// No destination service: everything is unknown.
+    pub fn disabled() -> Self {
+        Self { inner: None }
+    }
+
+    /// Follows the destination service on `channel` (a lazily connected mTLS channel).
+    pub fn spawn(channel: tonic::transport::Channel) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            targets: Mutex::default(),
+            requests: tx,
+            connected: watch::Sender::new(false),
+        });
+        tokio::spawn(run(Arc::downgrade(&inner), DestinationClient::new(channel), rx));
+        Self { inner: Some(inner) }
+    }
+
+    /// Whether the stream to the destination service is up.
+    pub fn connected(&self) -> bool {
+        self.inner.as_ref().is_some_and(|i| *i.connected.borrow())
+    }
+
+    /// Follows `target`; the receiver holds `None` until the first answer.
+    pub fn subscribe(&self, target: SocketAddr) -> watch::Receiver<Option<Resolution>> {
+        let Some(inner) = &self.inner else {
+            return watch::Sender::new(Some(Resolution::Unknown)).subscribe();
+        };
+        let Ok(mut targets) = inner.targets.lock() else {
+            return watch::Sender::new(Some(Resolution::Unknown)).subscribe();
+        };
+        if let Some(tx) = targets.get(&target) {
+            return tx.subscribe();
+        }
+        let tx = watch::Sender::new(None);
+        let rx = tx.subscribe();
+        targets.insert(target, tx);
+        let _ = inner.requests.send(target);
+        rx
+    }
+
+    /// The current resolution of `target`, waiting a bounded time for a first answer.
+    pub async fn resolve(&self, target: SocketAddr) -> Resolution {
+        let mut rx = self.subscribe(target);
+        let first = tokio::time::timeout(FIRST_ANSWER_TIMEOUT, rx.wait_for(|r| r.is_some())).await;
+        match first {
+            Ok(Ok(r)) => r.clone().unwrap_or(Resolution::Unknown),
+            _ => {
+                tracing::debug!(%target, "no answer from discovery in time; forwarding as unknown");
+                Resolution::Unknown
+            }
+        }
+    }
+
+    /// Snapshot of every known target, for `/debug/state`.
+    pub fn snapshot(&self) -> Vec<(SocketAddr, Option<Resolution>)> {
+        let Some(inner) = &self.inner else { return Vec::new() };
+        let Ok(targets) = inner.targets.lock() else {
+            return Vec::new();
+        };
+        let mut all: Vec<_> = targets.iter().map(|(k, v)| (*k, v.borrow().clone())).collect();
+        all.sort_by_key(|(k, _)| *k);
+        all
+    }
+}
+
+fn apply(inner: &Inner, rsp: DiscoveryResponse) {
+    let Ok(target) = rsp.target.parse::<SocketAddr>() else {
+        tracing::debug!(target = %rsp.target, "discovery answer for an unparseable target ignored");
+        return;
+    };
+    let resolution = match rsp.result {
+        Some(discovery_response::Result::Service(s)) => Resolution::Service(Arc::new(s)),
+        Some(discovery_response::Result::Pod(p)) => Resolution::Pod(Arc::new(p)),
+        Some(discovery_response::Result::Unknown(_)) | None => Resolution::Unknown,
+    };
+    if let Ok(targets) = inner.targets.lock()
+        && let Some(tx) = targets.get(&target)
+    {
+        tx.send_if_modified(|cur| {
+            if cur.as_ref() == Some(&resolution) {
+                false
+            } else {
+                *cur = Some(resolution);
+                true
+            }
+        });
+    }
+}
+
+async fn run(
+    inner: std::sync::Weak<Inner>,
+    mut client: DestinationClient<tonic::transport::Channel>,
+    mut new_targets: mpsc::UnboundedReceiver<SocketAddr>,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let Some(strong) = inner.upgrade() else { return };
+        // Every known target is (re)subscribed on each new stream.
+        let known: Vec<SocketAddr> = strong
+            .targets
+            .lock()
+            .map(|t| t.keys().copied().collect())
+            .unwrap_or_default();
+        drop(strong);
+        let (req_tx, req_rx) = mpsc::unbounded_channel::<DiscoveryRequest>();
+        let subscribe = |t: SocketAddr| DiscoveryRequest {
+            request: Some(discovery_request::Request::Subscribe(t.to_string())),
+        };
+        for t in known {
+            let _ = req_tx.send(subscribe(t));
+        }
+        let outbound = tokio_stream_from(req_rx);
+        match client.discover(outbound).await {
+            Ok(rsp) => {
+                let mut stream = rsp.into_inner();
+                if let Some(i) = inner.upgrade() {
+                    i.connected.send_replace(true);
+                }
+                backoff = Duration::from_millis(200);
+                loop {
+                    tokio::select! {
+                        t = new_targets.recv() => match t {
+                            Some(t) => { let _ = req_tx.send(subscribe(t)); }
+                            None => return,
+                        },
+                        msg = stream.message() => match msg {
+                            Ok(Some(rsp)) => {
+                                let Some(i) = inner.upgrade() else { return };
+                                apply(&i, rsp);
+                            }
+                            Ok(None) => { tracing::info!("discovery stream ended; reconnecting"); break; }
+                            Err(e) => { tracing::warn!(error = %e, "discovery stream failed; serving the last known state"); break; }
+                        },
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot reach the destination service; serving the last known state"),
+        }
+        if let Some(i) = inner.upgrade() {
+            i.connected.send_replace(false);
+        }
+        // Targets that arrived while disconnected are in the map already and
+        // get subscribed with the rest on the next stream.
+        while new_targets.try_recv().is_ok() {}
+        let jitter: f64 = rand::random_range(0.5..1.0);
+        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// An unbounded receiver as a `Stream` (tokio-stream's wrapper, without the dependency).
+fn tokio_stream_from(
+    mut rx: mpsc::UnboundedReceiver<DiscoveryRequest>,
+) -> impl futures::Stream<Item = DiscoveryRequest> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

@@ -1,0 +1,211 @@
+//! The inbound side: connections to the Pod, redirected to the inbound port
+//! by iptables. A mesh peer's mTLS is terminated (its identity checked and
+//! kept), then its HTTP requests or its opaque stream are delivered to the
+//! application at `SIDEMESH_APP_ADDR` on the original port. Plaintext and an
+//! application's own TLS pass through in `permissive` mode and are refused
+//! in `strict` mode.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sidemesh_identity_client::SpiffeId;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::Proxy;
+use crate::config::InboundPolicy;
+use crate::detect::{self, Protocol};
+use crate::http::{self as h, Body};
+use crate::tls::{ALPN_HTTP, ALPN_TCP};
+
+/// Accepts on the inbound listener until draining starts.
+pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            _ = proxy.drain.signaled() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(error = %e, "inbound accept");
+                continue;
+            }
+        };
+        let proxy = proxy.clone();
+        let guard = proxy.drain.guard();
+        tokio::spawn(async move {
+            let _guard = guard;
+            if let Err(e) = handle(&proxy, stream, peer).await {
+                tracing::debug!(%peer, error = %e, "inbound connection");
+            }
+        });
+    }
+}
+
+/// Whether a peeked ClientHello offers a sidemesh ALPN (a peer proxy), as
+/// opposed to the application's own TLS.
+async fn is_mesh_hello(stream: &TcpStream, proxy: &Proxy) -> bool {
+    let deadline = tokio::time::Instant::now() + proxy.detect_timeout;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return false,
+        };
+        let mut acceptor = rustls::server::Acceptor::default();
+        let mut rd = &buf[..n];
+        if acceptor.read_tls(&mut rd).is_err() {
+            return false;
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                return accepted
+                    .client_hello()
+                    .alpn()
+                    .is_some_and(|mut alpn| alpn.any(|p| p == ALPN_HTTP || p == ALPN_TCP));
+            }
+            Ok(None) if n < buf.len() && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            _ => return false,
+        }
+    }
+}
+
+async fn handle(proxy: &Arc<Proxy>, stream: TcpStream, peer: SocketAddr) -> anyhow::Result<()> {
+    let _ = stream.set_nodelay(true);
+    let orig = crate::socket::original_dst(&stream)?;
+    if orig == stream.local_addr()? {
+        anyhow::bail!("connection to {orig} was not redirected to the proxy; refusing to loop");
+    }
+    let app = SocketAddr::new(proxy.app_ip, orig.port());
+    let protocol = if proxy.opaque_ports.contains(&orig.port()) && proxy.pool.is_none() {
+        Protocol::Opaque
+    } else {
+        detect::detect(&stream, proxy.detect_timeout).await?
+    };
+    let mesh = match (&protocol, &proxy.pool) {
+        (Protocol::Tls, Some(_)) => is_mesh_hello(&stream, proxy).await,
+        _ => false,
+    };
+    if mesh {
+        return serve_mesh(proxy, stream, peer, app).await;
+    }
+    if proxy.inbound_policy == InboundPolicy::Strict {
+        anyhow::bail!("strict inbound policy: refusing {protocol:?} from {peer} (not mesh mTLS)");
+    }
+    // Permissive: as without the mesh, marked unauthenticated. HTTP is still
+    // proxied request by request so that nobody can forge the client-id header.
+    tracing::debug!(%peer, %app, ?protocol, "inbound plaintext (unauthenticated)");
+    if matches!(protocol, Protocol::Http1 | Protocol::Http2) {
+        return serve_plain_http(proxy, stream, app).await;
+    }
+    let mut upstream = crate::pool::connect_tcp(app).await?;
+    let mut stream = stream;
+    tokio::io::copy_bidirectional(&mut stream, &mut upstream).await?;
+    Ok(())
+}
+
+async fn serve_plain_http(proxy: &Arc<Proxy>, stream: TcpStream, app: SocketAddr) -> anyhow::Result<()> {
+    let svc_proxy = proxy.clone();
+    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        let proxy = svc_proxy.clone();
+        async move {
+            req.headers_mut().remove(h::CLIENT_ID);
+            let rsp = match h::to_plain(&mut req, &app.to_string()) {
+                Ok(()) => match proxy.plain.for_version(req.version()).request(req).await {
+                    Ok(rsp) => rsp.map(Either::Left),
+                    Err(e) => {
+                        tracing::debug!(%app, error = %e, "application request failed");
+                        h::respond(StatusCode::BAD_GATEWAY, "sidemesh: the application did not answer\n")
+                    }
+                },
+                Err(_) => h::respond(StatusCode::BAD_REQUEST, "sidemesh: malformed request\n"),
+            };
+            Ok::<_, std::convert::Infallible>(rsp)
+        }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r.map_err(|e| anyhow::anyhow!("{e}"))?,
+        _ = proxy.drain.signaled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+    }
+    Ok(())
+}
+
+async fn serve_mesh(proxy: &Arc<Proxy>, stream: TcpStream, peer: SocketAddr, app: SocketAddr) -> anyhow::Result<()> {
+    let Some(pool) = &proxy.pool else {
+        anyhow::bail!("no mesh identity");
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(pool.tls().server());
+    let mut tls = tokio::time::timeout(crate::pool::CONNECT_TIMEOUT, acceptor.accept(stream))
+        .await
+        .map_err(|_| anyhow::anyhow!("mTLS handshake from {peer} timed out"))??;
+    let (_, conn) = tls.get_ref();
+    let client_id = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| sidemesh_identity_client::verify::peer_id(c).ok());
+    let Some(client_id) = client_id else {
+        anyhow::bail!("mTLS peer {peer} presented no mesh identity");
+    };
+    let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+    tracing::debug!(%peer, %app, client = %client_id, "inbound mTLS");
+    if alpn.as_deref() == Some(ALPN_TCP) {
+        let mut upstream = crate::pool::connect_tcp(app).await?;
+        tokio::io::copy_bidirectional(&mut tls, &mut upstream).await?;
+        return Ok(());
+    }
+    let svc_proxy = proxy.clone();
+    let client_id = Arc::new(client_id);
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let proxy = svc_proxy.clone();
+        let client_id = client_id.clone();
+        async move { Ok::<_, std::convert::Infallible>(to_app(&proxy, app, &client_id, req).await) }
+    });
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .adaptive_window(true)
+        .max_concurrent_streams(10_000)
+        .serve_connection(TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r?,
+        _ = proxy.drain.signaled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await?;
+        }
+    }
+    Ok(())
+}
+
+async fn to_app(proxy: &Proxy, app: SocketAddr, client_id: &SpiffeId, mut req: Request<Incoming>) -> Response<Body> {
+    let version = match h::to_app(&mut req, &app.to_string()) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::debug!(error = %e, "malformed request from a peer proxy");
+            return h::respond(StatusCode::BAD_REQUEST, "sidemesh: malformed request\n");
+        }
+    };
+    if let Ok(v) = http::HeaderValue::from_str(&client_id.to_string()) {
+        req.headers_mut().insert(h::CLIENT_ID, v);
+    }
+    match proxy.plain.for_version(version).request(req).await {
+        Ok(rsp) => rsp.map(Either::Left),
+        Err(e) => {
+            tracing::debug!(%app, error = %e, "application request failed");
+            h::respond(StatusCode::BAD_GATEWAY, "sidemesh: the application did not answer\n")
+        }
+    }
+}
