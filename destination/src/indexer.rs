@@ -1,0 +1,243 @@
+//! The running index: one task applies the changes sources send (in batches:
+//! a relist or a burst of watch events costs one pass), then recomputes every
+//! subscribed address once and publishes the ones whose state changed.
+//!
+//! Each subscribed address has one `watch` channel shared by every stream
+//! following it, so the work per change is per distinct address, not per
+//! subscriber, and a slow subscriber only ever sees the latest state (memory
+//! per stream stays bounded whatever the change rate).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::index::{Index, Resolution};
+use crate::metrics::DestinationMetrics;
+use crate::objects::{Key, Kind, Object, Record};
+
+/// How many queued changes are applied in one pass at most.
+const BATCH: usize = 4096;
+/// Changes a source may queue before it waits for the indexer.
+const QUEUE: usize = 8192;
+
+/// A change from a source.
+#[derive(Debug)]
+pub enum Change {
+    /// An object added or modified.
+    Upsert(Record),
+    /// An object deleted.
+    Delete(Kind, Key),
+    /// Every object of a kind, replacing what was known (a relist).
+    ReplaceKind(Kind, Vec<Record>),
+    /// Every object of every kind (a file reload).
+    ReplaceAll(Vec<Record>),
+    /// The source has delivered its complete initial state.
+    Synced,
+}
+
+/// The state of one subscribed address.
+#[derive(Debug, PartialEq)]
+pub struct Resolved {
+    /// What it resolves to.
+    pub result: Resolution,
+    /// When the source change that produced this state was seen (`None` for
+    /// the state computed when the address was first subscribed).
+    pub changed_at: Option<Instant>,
+}
+
+struct State {
+    index: Index,
+    subscriptions: HashMap<SocketAddr, watch::Sender<Arc<Resolved>>>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    trust_domain: String,
+    synced: watch::Sender<bool>,
+}
+
+/// Handle on the index, for the gRPC service.
+#[derive(Clone)]
+pub struct Indexer {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Indexer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Indexer")
+            .field("trust_domain", &self.shared.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a source sends its changes through.
+#[derive(Clone, Debug)]
+pub struct Feed {
+    tx: mpsc::Sender<(Change, Instant)>,
+    metrics: DestinationMetrics,
+    source: &'static str,
+}
+
+impl Feed {
+    /// Queues a change seen at `at`; `false` once the indexer is gone.
+    pub async fn send(&self, change: Change, at: Instant) -> bool {
+        self.tx.send((change, at)).await.is_ok()
+    }
+
+    /// Reduces an object to its record; an object that cannot be indexed is
+    /// logged, counted and skipped.
+    pub fn record(&self, object: &Object) -> Option<Record> {
+        match Record::from_object(object) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(source = self.source, error = %e, "object skipped");
+                self.metrics.source_error(self.source, "invalid_object");
+                None
+            }
+        }
+    }
+
+    /// The source's name, for logs and metrics.
+    pub fn source(&self) -> &'static str {
+        self.source
+    }
+
+    /// The instruments.
+    pub fn metrics(&self) -> &DestinationMetrics {
+        &self.metrics
+    }
+}
+
+fn lock(shared: &Shared) -> MutexGuard<'_, State> {
+    // A panic while holding the lock cannot leave the index half-updated in
+    // a way worse than a missed change; keep serving.
+    shared.state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Indexer {
+    /// Starts the indexing task for a source named `source`.
+    pub fn spawn(trust_domain: &str, metrics: DestinationMetrics, source: &'static str) -> (Self, Feed) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                index: Index::new(),
+                subscriptions: HashMap::new(),
+            }),
+            trust_domain: trust_domain.to_owned(),
+            synced: watch::channel(false).0,
+        });
+        metrics.synced(source, false);
+        tokio::spawn(run(shared.clone(), rx, metrics.clone(), source));
+        (Self { shared }, Feed { tx, metrics, source })
+    }
+
+    /// Follows `target`; the receiver holds its current state at once.
+    pub fn subscribe(&self, target: SocketAddr) -> watch::Receiver<Arc<Resolved>> {
+        let mut state = lock(&self.shared);
+        if let Some(tx) = state.subscriptions.get(&target) {
+            return tx.subscribe();
+        }
+        let result = state.index.resolve(target, &self.shared.trust_domain);
+        let (tx, rx) = watch::channel(Arc::new(Resolved {
+            result,
+            changed_at: None,
+        }));
+        state.subscriptions.insert(target, tx);
+        rx
+    }
+
+    /// Forgets `target` if nobody follows it any more (call after dropping
+    /// the receiver).
+    pub fn release(&self, target: SocketAddr) {
+        let mut state = lock(&self.shared);
+        if state
+            .subscriptions
+            .get(&target)
+            .is_some_and(|tx| tx.receiver_count() == 0)
+        {
+            state.subscriptions.remove(&target);
+        }
+    }
+
+    /// What `target` resolves to now.
+    pub fn resolve(&self, target: SocketAddr) -> Resolution {
+        lock(&self.shared).index.resolve(target, &self.shared.trust_domain)
+    }
+
+    /// Becomes `true` once the source has synced.
+    pub fn synced(&self) -> watch::Receiver<bool> {
+        self.shared.synced.subscribe()
+    }
+
+    /// Distinct addresses followed.
+    pub fn followed(&self) -> usize {
+        lock(&self.shared).subscriptions.len()
+    }
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<(Change, Instant)>,
+    metrics: DestinationMetrics,
+    source: &'static str,
+) {
+    let mut batch = Vec::with_capacity(64);
+    loop {
+        batch.clear();
+        if rx.recv_many(&mut batch, BATCH).await == 0 {
+            return;
+        }
+        let first_seen = batch.iter().map(|(_, at)| *at).min();
+        let changes = batch.len() as u64;
+        let mut synced = false;
+        let mut state = lock(&shared);
+        for (change, _) in batch.drain(..) {
+            match change {
+                Change::Upsert(r) => state.index.upsert(r),
+                Change::Delete(kind, key) => state.index.remove(kind, &key),
+                Change::ReplaceKind(kind, records) => state.index.replace_kind(kind, records),
+                Change::ReplaceAll(mut records) => {
+                    for kind in Kind::ALL {
+                        let (this, rest): (Vec<_>, Vec<_>) = records.into_iter().partition(|r| r.kind() == kind);
+                        state.index.replace_kind(kind, this);
+                        records = rest;
+                    }
+                }
+                Change::Synced => synced = true,
+            }
+        }
+        let State { index, subscriptions } = &mut *state;
+        // Addresses nobody follows any more are dropped here too, in case a
+        // stream ended without releasing (a task cancelled mid-way).
+        subscriptions.retain(|target, tx| {
+            if tx.receiver_count() == 0 {
+                return false;
+            }
+            let result = index.resolve(*target, &shared.trust_domain);
+            tx.send_if_modified(|current| {
+                if current.result == result {
+                    return false;
+                }
+                *current = Arc::new(Resolved {
+                    result,
+                    changed_at: first_seen,
+                });
+                true
+            });
+            true
+        });
+        for kind in Kind::ALL {
+            metrics.objects(kind, index.len(kind));
+        }
+        drop(state);
+        metrics.source_updates(changes);
+        if synced && !*shared.synced.borrow() {
+            tracing::info!(source, "source synced");
+            metrics.synced(source, true);
+            shared.synced.send_replace(true);
+        }
+    }
+}
