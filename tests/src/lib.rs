@@ -1,10 +1,12 @@
 //! Support for sidemesh's end-to-end tests: the real binaries started as
 //! processes ([`process`]), throw-away PKIs ([`pki`]), and a stand-in
-//! Kubernetes API server that speaks the real REST protocol ([`apiserver`]).
+//! Kubernetes API server that speaks the real REST protocol ([`apiserver`]),
+//! and network namespaces as Pods for iptables-capture tests ([`netns`]).
 //! The tests themselves live in `tests/tests/`.
 #![forbid(unsafe_code)]
 
 pub mod apiserver;
+pub mod netns;
 pub mod pki;
 pub mod process;
 
