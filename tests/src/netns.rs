@@ -103,7 +103,7 @@ fn probe() -> Result<(), String> {
     if euid != "0" {
         return Err(format!("running as uid {euid}"));
     }
-    for tool in ["ip", "iptables", "iptables-save", "iptables-restore"] {
+    for tool in ["ip", "ss", "iptables", "iptables-save", "iptables-restore"] {
         if find_program(tool).is_none() {
             return Err(format!("{tool} not found"));
         }
@@ -492,6 +492,24 @@ impl Pod {
         full.extend_from_slice(args);
         let label = format!("{}-{label}", self.name);
         Proc::start_program(Path::new("ip"), &label, &full, env, self.shared.log_dir.path())
+    }
+
+    /// Like [`Pod::start`], as `uid`/gid `uid` with no supplementary groups
+    /// (e.g. the proxy's 1337, whose traffic the capture rules exempt); the
+    /// program and its files must be readable by that uid.
+    pub fn start_as(
+        &self,
+        uid: u32,
+        label: &str,
+        program: impl AsRef<OsStr>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proc {
+        let uid = uid.to_string();
+        let program = program.as_ref().to_string_lossy().into_owned();
+        let mut full: Vec<&str> = vec!["--reuid", &uid, "--regid", &uid, "--clear-groups", &program];
+        full.extend_from_slice(args);
+        self.start(label, "setpriv", &full, env)
     }
 
     /// Waits until something in the Pod listens on TCP `port` (any address);

@@ -13,7 +13,7 @@ use sidemesh_tests::netns::{self, Network, Output, Pod};
 use sidemesh_tests::process::{Proc, binary};
 
 const T: Duration = Duration::from_secs(30);
-const PROXY_UID: &str = "1337";
+const PROXY_UID: u32 = 1337;
 const TOOLS: [&str; 4] = ["curl", "python3", "setpriv", "ss"];
 
 /// Listeners that answer with the connection's original destination
@@ -204,15 +204,14 @@ fn listeners(pod: &Pod, label: &str, as_proxy: bool, specs: &[&str], env: &[(&st
         std::fs::write(&script, LISTENERS_PY).expect("write listeners.py");
     }
     let python = python();
-    let (script, python) = (script.display().to_string(), python.display().to_string());
-    let mut args: Vec<&str> = Vec::new();
-    if as_proxy {
-        args.extend(["--reuid", PROXY_UID, "--regid", PROXY_UID, "--clear-groups", &python]);
-    }
-    args.extend(["-u", &script]);
+    let script = script.display().to_string();
+    let mut args = vec!["-u", script.as_str()];
     args.extend_from_slice(specs);
-    let program = if as_proxy { "setpriv" } else { python.as_str() };
-    let mut proc = pod.start(label, program, &args, env);
+    let mut proc = if as_proxy {
+        pod.start_as(PROXY_UID, label, &python, &args, env)
+    } else {
+        pod.start(label, &python, &args, env)
+    };
     for spec in specs {
         let port: u16 = spec
             .rsplit(':')
@@ -239,9 +238,10 @@ impl Reply {
 
 /// `curl` from inside the Pod (as the proxy's uid if asked), parsing the reply.
 fn curl(pod: &Pod, url: &str, as_proxy: bool, extra: &[&str]) -> Result<Reply, String> {
+    let uid = PROXY_UID.to_string();
     let mut args: Vec<&str> = Vec::new();
     if as_proxy {
-        args.extend(["--reuid", PROXY_UID, "--regid", PROXY_UID, "--clear-groups", "curl"]);
+        args.extend(["--reuid", &uid, "--regid", &uid, "--clear-groups", "curl"]);
     }
     args.extend(["-sS", "-g", "--max-time", "5"]);
     args.extend_from_slice(extra);

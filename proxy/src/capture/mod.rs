@@ -24,10 +24,11 @@
 //!
 //! # Loopback and the Pod's own IP
 //!
-//! A locally originated connection is NATed once, in OUTPUT; its packets do
-//! cross PREROUTING on `lo`, but the nat table only sees a connection's first
-//! packet, so inbound capture of a connection the Pod makes to itself must
-//! happen in OUTPUT. A connection to the Pod's own IP is routed over `lo`.
+//! The nat table is consulted once per connection, at the first nat hook its
+//! first packet meets: OUTPUT for a locally originated one. Its packets do
+//! come back through PREROUTING on `lo`, but nat no longer looks at them, so
+//! inbound capture of a connection the Pod makes to itself must happen in
+//! OUTPUT. A connection to the Pod's own IP is routed over `lo`.
 //!
 //! - App → its own Pod IP (`-o lo`, not the proxy UID): falls through to the
 //!   outbound redirect like any other destination, so self-calls get the same
