@@ -441,14 +441,15 @@ fn pod_record(pod: &Pod) -> Result<PodRecord, RecordError> {
     let mut ips = Vec::new();
     // A host-network Pod shares the node's IP and a finished Pod's IP may
     // already belong to another Pod: neither IP identifies this Pod.
-    if !host_network && !finished {
-        if let Some(status) = status {
-            let listed: Vec<&str> = match &status.pod_ips {
-                Some(list) if !list.is_empty() => list.iter().map(|p| p.ip.as_str()).collect(),
-                _ => status.pod_ip.as_deref().into_iter().collect(),
-            };
-            ips.extend(listed.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()));
-        }
+    if !host_network
+        && !finished
+        && let Some(status) = status
+    {
+        let listed: Vec<&str> = match &status.pod_ips {
+            Some(list) if !list.is_empty() => list.iter().map(|p| p.ip.as_str()).collect(),
+            _ => status.pod_ip.as_deref().into_iter().collect(),
+        };
+        ips.extend(listed.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()));
     }
     let service_account = spec
         .and_then(|s| s.service_account_name.clone().or_else(|| s.service_account.clone()))

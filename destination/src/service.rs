@@ -192,9 +192,11 @@ impl Discovery {
                     }
                     // The client will send no more requests; it still wants updates.
                     Ok(None) => inbound_open = false,
+                    // A cancelled stream, or a request that could not be decoded
+                    // (too large, not protobuf): say why, in case anyone listens.
                     Err(status) => {
-                        tracing::debug!(%peer, error = %status, "discovery stream ended by the client");
-                        break None;
+                        tracing::debug!(%peer, error = %status, "discovery request stream failed");
+                        break Some(status);
                     }
                 },
                 Some((target, state)) = subs.streams.next(), if !subs.streams.is_empty() => {

@@ -33,6 +33,8 @@ fn budget() -> serde_saphyr::Options {
             max_nodes: 20_000_000,
             max_events: 50_000_000,
         },
+        // One-line errors: they end up in a log line or a start-up failure.
+        with_snippet: false,
     }
 }
 
