@@ -6,9 +6,12 @@
 #![forbid(unsafe_code)]
 
 pub mod apiserver;
+pub mod mesh;
 pub mod netns;
+pub mod objects;
 pub mod pki;
 pub mod process;
+pub mod webhook;
 
 /// A free TCP port on 127.0.0.1 (bound then released; good enough for tests).
 pub fn free_port() -> u16 {

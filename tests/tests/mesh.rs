@@ -1,0 +1,414 @@
+//! The data plane end to end: network-namespace Pods with the real `init`
+//! iptables rules, real proxies, the real identity and destination services,
+//! real applications, and real clients (curl, openssl, python sockets).
+//! Needs root, ip and iptables; skips with one line otherwise.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sidemesh_tests::mesh::{Mesh, ProxyOptions, Workload};
+use sidemesh_tests::netns::{self, Pod, service_ip};
+use sidemesh_tests::objects::{pod, service, slice, yaml};
+use sidemesh_tests::process::{Proc, binary};
+
+const FRONTEND: &str = "spiffe://cluster.local/ns/default/sa/frontend";
+const T: Duration = Duration::from_secs(20);
+
+/// The test application in a Pod: HTTP on 8080, TCP echo on 9000, a
+/// server-first banner on 3306 (a well-known opaque port) and on 7000 (not).
+fn start_apps(pod: &Pod) -> Vec<Proc> {
+    let app = binary("sidemesh-test-app");
+    let apps = vec![
+        pod.start("app-http", &app, &["http", "0.0.0.0:8080", "web"], &[]),
+        pod.start("app-echo", &app, &["echo", "0.0.0.0:9000"], &[]),
+        pod.start("app-mysql", &app, &["banner", "0.0.0.0:3306", "mysql-greeting"], &[]),
+        pod.start("app-banner", &app, &["banner", "0.0.0.0:7000", "hello-first"], &[]),
+    ];
+    for port in [8080, 9000, 3306, 7000] {
+        assert!(pod.wait_listening(port, Duration::from_secs(10)), "app port {port}");
+    }
+    apps
+}
+
+struct Shop {
+    mesh: Mesh,
+    client: Workload,
+    server: Workload,
+    _apps: Vec<Proc>,
+}
+
+/// `web` (ClusterIP 10.214.0.10) → the server Pod; the client is `frontend`.
+fn shop(prefix: &str, server_opts: ProxyOptions) -> Shop {
+    let mesh = Mesh::start(prefix);
+    let client_pod = mesh.plain_pod("client");
+    let server_pod = mesh.plain_pod("server");
+    let vip = service_ip(10).to_string();
+    let sip = server_pod.ip().to_string();
+    let cip = client_pod.ip().to_string();
+    mesh.set_objects(&yaml(&[
+        service(
+            "shop",
+            "web",
+            &vip,
+            &[("http", 80), ("tcp", 9000), ("mysql", 3306), ("banner", 7000)],
+            json!({}),
+        ),
+        slice(
+            "shop",
+            "web-1",
+            "web",
+            &[("http", 8080), ("tcp", 9000), ("mysql", 3306), ("banner", 7000)],
+            &[(&sip, "server", true)],
+        ),
+        pod("shop", "server", &sip, "web", true),
+        pod("default", "client", &cip, "frontend", true),
+    ]));
+    let apps = start_apps(&server_pod);
+    let server = mesh.mesh(server_pod, "shop", "web", &server_opts);
+    let client = mesh.mesh(client_pod, "default", "frontend", &ProxyOptions::default());
+    Shop {
+        mesh,
+        client,
+        server,
+        _apps: apps,
+    }
+}
+
+fn curl(w: &Workload, args: &[&str]) -> String {
+    let mut all = vec!["-sS", "--max-time", "10"];
+    all.extend(args);
+    let out = w.run("curl", &all, T);
+    assert!(
+        out.success(),
+        "curl {args:?} failed: {}\nclient proxy:\n{}",
+        out.stderr,
+        w.proxy.log()
+    );
+    out.stdout
+}
+
+/// A TCP exchange from inside a Pod: connect, optionally read a banner,
+/// send `payload`, half-close, read everything. Returns (text, seconds to first byte).
+fn tcp(pod: &Pod, addr: &str, payload: &str, expect_banner: bool) -> (String, f64) {
+    let (host, port) = addr.rsplit_once(':').expect("addr");
+    let script = format!(
+        r#"
+import socket, sys, time
+t = time.time()
+s = socket.create_connection(("{host}", {port}), timeout=10)
+first = None
+data = b""
+if {banner}:
+    data = s.recv(4096)
+    first = time.time() - t
+s.sendall(b"{payload}")
+s.shutdown(socket.SHUT_WR)
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    if first is None:
+        first = time.time() - t
+    data += chunk
+sys.stdout.write(data.decode() + "\n" + str(first))
+"#,
+        banner = if expect_banner { "True" } else { "False" },
+    );
+    let out = pod.run("python3", &["-c", &script], T);
+    assert!(out.success(), "tcp {addr}: {}", out.stderr);
+    let (text, first) = out.stdout.rsplit_once('\n').expect("output");
+    (text.to_owned(), first.trim().parse().unwrap_or(f64::MAX))
+}
+
+#[test]
+fn http1_http2_and_tcp_through_service_vip_and_pod_ip_with_mtls_identities() {
+    if netns::skip_unless_capable("http1_http2_and_tcp_through_service_vip_and_pod_ip_with_mtls_identities") {
+        return;
+    }
+    let shop = shop("mesh-basic", ProxyOptions::default());
+    let vip = service_ip(10);
+    let sip = shop.server.ip();
+
+    let h1 = curl(&shop.client, &[&format!("http://{vip}/hello")]);
+    assert!(h1.contains("name=web version=HTTP/1.1 path=/hello"), "{h1}");
+    assert!(
+        h1.contains(&format!("client-id={FRONTEND}")),
+        "the server saw the client's mTLS identity: {h1}"
+    );
+
+    let h2 = curl(&shop.client, &["--http2-prior-knowledge", &format!("http://{vip}/h2")]);
+    assert!(h2.contains("version=HTTP/2.0 path=/h2"), "{h2}");
+    assert!(h2.contains(&format!("client-id={FRONTEND}")), "{h2}");
+
+    let direct = curl(&shop.client, &[&format!("http://{sip}:8080/pod-ip")]);
+    assert!(
+        direct.contains("path=/pod-ip") && direct.contains(&format!("client-id={FRONTEND}")),
+        "{direct}"
+    );
+
+    // A forged identity header from the application is dropped.
+    let forged = curl(
+        &shop.client,
+        &[
+            "-H",
+            "sidemesh-client-id: spiffe://cluster.local/ns/x/sa/admin",
+            &format!("http://{vip}/"),
+        ],
+    );
+    assert!(forged.contains(&format!("client-id={FRONTEND}")), "{forged}");
+
+    let (echo, _) = tcp(&shop.client.pod, &format!("{vip}:9000"), "opaque-bytes", false);
+    assert_eq!(echo, "opaque-bytes");
+
+    // Many sequential requests on fresh connections all succeed.
+    for i in 0..50 {
+        let out = curl(&shop.client, &[&format!("http://{vip}/n{i}")]);
+        assert!(out.contains(&format!("path=/n{i}")), "{out}");
+    }
+
+    let state = shop.client.state();
+    assert_eq!(state["identity"], FRONTEND, "{state}");
+    assert_eq!(state["discovery"]["connected"], true, "{state}");
+    let root = sidemesh_identity_client::fingerprint(&pem_der(&shop.mesh.pki.root.cert));
+    assert_eq!(state["certificate"]["root_fingerprint"], root.as_str(), "{state}");
+    assert_eq!(state["trusted_roots"], json!([root]), "{state}");
+    let targets = state["discovery"]["targets"].as_array().cloned().unwrap_or_default();
+    assert!(
+        targets
+            .iter()
+            .any(|t| t["kind"] == "service" && t["service"] == "shop/web"),
+        "{state}"
+    );
+}
+
+fn pem_der(pem: &str) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject as _;
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .expect("pem")
+        .to_vec()
+}
+
+#[test]
+fn no_plaintext_crosses_the_wire_between_meshed_pods() {
+    if netns::skip_unless_tools("no_plaintext_crosses_the_wire_between_meshed_pods", &["tcpdump"]) {
+        return;
+    }
+    let shop = shop("mesh-wire", ProxyOptions::default());
+    let outsider = shop.mesh.plain_pod("outsider");
+    let pcap = shop.mesh.dir().join("bridge.pcap");
+    let pcap_s = pcap.display().to_string();
+    let mut tcpdump = shop
+        .mesh
+        .net
+        .switch_cmd("tcpdump")
+        .args(["-i", "br0", "-U", "-s", "0", "-w", &pcap_s, "tcp"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("tcpdump");
+    std::thread::sleep(Duration::from_millis(700));
+    let vip = service_ip(10);
+    let meshed_marker = "MESHED-SECRET-7f3a";
+    let plain_marker = "PLAIN-CONTROL-91bc";
+    curl(&shop.client, &[&format!("http://{vip}/{meshed_marker}")]);
+    let (echo, _) = tcp(&shop.client.pod, &format!("{vip}:9000"), meshed_marker, false);
+    assert_eq!(echo, meshed_marker);
+    // Positive control: an unmeshed client's plaintext must be visible, or
+    // the capture proves nothing.
+    let out = outsider.run(
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "10",
+            &format!("http://{}:8080/{plain_marker}", shop.server.ip()),
+        ],
+        T,
+    );
+    assert!(out.success(), "{}", out.stderr);
+    std::thread::sleep(Duration::from_millis(700));
+    let _ = tcpdump.kill();
+    let _ = tcpdump.wait();
+    let bytes = std::fs::read(&pcap).expect("pcap");
+    let contains = |needle: &str| bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
+    assert!(
+        contains(plain_marker),
+        "the capture saw no plaintext at all ({} bytes): broken capture",
+        bytes.len()
+    );
+    assert!(
+        !contains(meshed_marker),
+        "meshed traffic crossed the bridge in plaintext"
+    );
+}
+
+#[test]
+fn strict_mode_refuses_plaintext_and_foreign_certificates() {
+    if netns::skip_unless_tools("strict_mode_refuses_plaintext_and_foreign_certificates", &["openssl"]) {
+        return;
+    }
+    let shop = shop(
+        "mesh-strict",
+        ProxyOptions {
+            policy: Some("strict"),
+            ..ProxyOptions::default()
+        },
+    );
+    let vip = service_ip(10);
+    // Mesh traffic still flows.
+    let ok = curl(&shop.client, &[&format!("http://{vip}/strict")]);
+    assert!(ok.contains(&format!("client-id={FRONTEND}")), "{ok}");
+    // Plaintext from an unmeshed Pod is refused.
+    let outsider = shop.mesh.plain_pod("outsider");
+    let out = outsider.run(
+        "curl",
+        &["-sS", "--max-time", "5", &format!("http://{}:8080/", shop.server.ip())],
+        T,
+    );
+    assert!(!out.success(), "strict mode served plaintext: {}", out.stdout);
+    // A client certificate from a foreign root, offering the mesh ALPN, fails the handshake.
+    let dir = shop.mesh.dir().join("foreign");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let root = sidemesh_identity::ca::new_root("cluster.local", Duration::from_secs(86400)).expect("root");
+    let issuer = sidemesh_identity::ca::new_issuer(&root.cert, &root.key, Duration::from_secs(86400)).expect("issuer");
+    std::fs::write(dir.join("cert.pem"), &issuer.cert).expect("write");
+    std::fs::write(dir.join("key.pem"), &issuer.key).expect("write");
+    let connect = format!("{}:8080", shop.server.ip());
+    let (cert, key) = (
+        dir.join("cert.pem").display().to_string(),
+        dir.join("key.pem").display().to_string(),
+    );
+    let out = outsider.run(
+        "bash",
+        &[
+            "-c",
+            &format!(
+                "printf 'GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' | timeout 10 openssl s_client -connect {connect} -alpn sidemesh.h2 -cert {cert} -key {key} -tls1_3 -quiet 2>&1"
+            ),
+        ],
+        T,
+    );
+    assert!(
+        !out.stdout.contains("name=web"),
+        "a foreign certificate reached the app: {}",
+        out.stdout
+    );
+    let log = shop.server.proxy.log();
+    assert!(log.contains("strict inbound policy"), "{log}");
+}
+
+#[test]
+fn server_first_protocols_answer_without_waiting_for_the_client() {
+    if netns::skip_unless_capable("server_first_protocols_answer_without_waiting_for_the_client") {
+        return;
+    }
+    let shop = shop("mesh-srvfirst", ProxyOptions::default());
+    let vip = service_ip(10);
+    // 3306 is opaque by default: no detection at all.
+    let (text, first) = tcp(&shop.client.pod, &format!("{vip}:3306"), "ping", true);
+    assert!(text.starts_with("mysql-greeting\n"), "{text}");
+    assert!(first < 0.4, "banner on an opaque port took {first:.3}s");
+    // 7000 is not: detection gives up on a silent client after its short timeout.
+    let (text, first) = tcp(&shop.client.pod, &format!("{vip}:7000"), "ping", true);
+    assert!(text.starts_with("hello-first\n"), "{text}");
+    assert!(
+        first < 1.5,
+        "banner after detection timeout took {first:.3}s (must be far below 10 s)"
+    );
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests() {
+    if netns::skip_unless_capable("sigterm_drains_in_flight_requests") {
+        return;
+    }
+    let mut shop = shop("mesh-drain", ProxyOptions::default());
+    let vip = service_ip(10);
+    // Start a slow request, then SIGTERM the server's proxy while it is in flight.
+    let url = format!("http://{vip}/slow?sleep_ms=1500");
+    let mut slow = shop
+        .client
+        .pod
+        .cmd("curl")
+        .args(["-sS", "--max-time", "10", &url])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("curl");
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let _ = shop.server.proxy.terminate(Duration::from_millis(1)); // send SIGTERM, do not wait here
+    let output = wait_with_timeout(&mut slow, Duration::from_secs(15));
+    assert!(output.0, "the in-flight request failed during drain: {}", output.1);
+    assert!(output.1.contains("path=/slow"), "{}", output.1);
+    let status = shop
+        .server
+        .proxy
+        .terminate(Duration::from_secs(10))
+        .expect("proxy exited after draining");
+    assert!(status.success(), "{status}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+fn wait_with_timeout(child: &mut std::process::Child, timeout: Duration) -> (bool, String) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut out = String::new();
+            if let Some(mut s) = child.stdout.take() {
+                let _ = std::io::Read::read_to_string(&mut s, &mut out);
+            }
+            if let Some(mut s) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut s, &mut out);
+            }
+            return (status.success(), out);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return (false, "timed out".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn garbage_on_every_listener_does_not_hurt() {
+    if netns::skip_unless_capable("garbage_on_every_listener_does_not_hurt") {
+        return;
+    }
+    let shop = shop("mesh-garbage", ProxyOptions::default());
+    let sip = shop.server.ip();
+    let script = format!(
+        r#"
+import os, socket
+targets = [("{sip}", 8080), ("{sip}", 15020), ("127.0.0.1", 15001), ("127.0.0.1", 15006)]
+payloads = [os.urandom(3000), b"\x16\x03\x01\x00\x05hello-garbage", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(500), b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + os.urandom(100), b"GET / HTTP/1.1\r\nHost: \x00\xff\r\n\r\n", b""]
+held = []
+for host, port in targets:
+    for p in payloads:
+        try:
+            s = socket.create_connection((host, port), timeout=3)
+            s.sendall(p)
+            held.append(s)  # half-open: never closed until the end
+        except OSError:
+            pass
+print(len(held))
+"#
+    );
+    let out = shop.client.run("python3", &["-c", &script], T);
+    assert!(out.success(), "{}", out.stderr);
+    let out = shop
+        .server
+        .pod
+        .run("python3", &["-c", &script.replace(&sip.to_string(), "127.0.0.1")], T);
+    assert!(out.success(), "{}", out.stderr);
+    // Both proxies still serve.
+    let ok = curl(&shop.client, &[&format!("http://{}/after-garbage", service_ip(10))]);
+    assert!(ok.contains("path=/after-garbage"), "{ok}");
+    assert!(
+        shop.client
+            .pod
+            .run("curl", &["-sf", "http://127.0.0.1:15020/live"], T)
+            .success()
+    );
+}
