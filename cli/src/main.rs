@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod files;
+mod inject;
+mod install;
 mod trust;
 
 /// sidemesh: a sidecar service mesh for Kubernetes.
@@ -34,7 +36,7 @@ enum Command {
         file: String,
     },
     /// Print the control-plane manifests.
-    Install,
+    Install(install::InstallArgs),
     /// Make and inspect roots, issuers and bundles.
     #[command(subcommand)]
     Trust(trust::TrustCommand),
@@ -56,8 +58,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Trust(cmd) => trust::run(cmd),
         Command::Demo { .. } => not_built("demo"),
-        Command::Inject { .. } => not_built("inject"),
-        Command::Install => not_built("install"),
+        Command::Inject { file } => inject::run(&file),
+        Command::Install(args) => install::run(args),
         Command::Check => not_built("check"),
     };
     match result {

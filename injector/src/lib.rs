@@ -1,6 +1,7 @@
 //! The sidemesh injector: a mutating admission webhook that adds the proxy
 //! and its iptables init step to Pods that ask for the mesh.
 //!
+//! - [`certs`]: the webhook's serving certificate and the CA in its `caBundle`;
 //! - [`annotations`]: the annotations that steer injection, and validation
 //!   of every override value;
 //! - [`inject`]: the decision and the JSON Patch, shared by the webhook and
@@ -14,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod annotations;
+pub mod certs;
 pub mod inject;
 pub mod metrics;
 pub mod namespaces;
