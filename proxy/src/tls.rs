@@ -20,6 +20,9 @@ pub const ALPN_HTTP: &[u8] = b"sidemesh.h2";
 /// ALPN of an opaque TCP stream between proxies.
 pub const ALPN_TCP: &[u8] = b"sidemesh.tcp";
 
+/// A client configuration is per peer identity and ALPN.
+type ClientKey = (SpiffeId, &'static [u8]);
+
 /// The TLS configurations of one proxy.
 #[derive(Debug)]
 pub struct MeshTls {
@@ -28,7 +31,7 @@ pub struct MeshTls {
     server: Arc<ServerConfig>,
     // One client config per peer identity: the TLS session cache lives in the
     // config, so reusing it lets reconnections resume instead of full handshakes.
-    clients: Mutex<HashMap<(SpiffeId, &'static [u8]), Arc<ClientConfig>>>,
+    clients: Mutex<HashMap<ClientKey, Arc<ClientConfig>>>,
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
