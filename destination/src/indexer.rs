@@ -241,3 +241,70 @@ async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::objects::{PodRecord, PortSet};
+
+    fn pod(name: &str, ip: &str, meshed: bool) -> Record {
+        Record::Pod(PodRecord {
+            key: Key::new("default", name),
+            ips: vec![ip.parse().unwrap()],
+            service_account: "sa".into(),
+            meshed,
+            ready: true,
+            opaque_ports: PortSet::default(),
+        })
+    }
+
+    fn metrics() -> DestinationMetrics {
+        DestinationMetrics::new(&opentelemetry::global::meter("test"))
+    }
+
+    #[tokio::test]
+    async fn publishes_changes_once_per_address_and_forgets_unfollowed_ones() {
+        let (indexer, feed) = Indexer::spawn("cluster.local", metrics(), "test");
+        let target: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let mut a = indexer.subscribe(target);
+        let b = indexer.subscribe(target);
+        assert_eq!(indexer.followed(), 1, "one channel per address");
+        assert!(matches!(a.borrow_and_update().result, Resolution::Unknown(_)));
+
+        let at = Instant::now();
+        feed.send(Change::Upsert(pod("p", "10.0.0.1", true)), at).await;
+        feed.send(Change::Synced, at).await;
+        tokio::time::timeout(Duration::from_secs(2), a.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        let state = a.borrow_and_update().clone();
+        assert!(matches!(&state.result, Resolution::Pod(p) if p.meshed));
+        assert_eq!(state.changed_at, Some(at));
+        let mut synced = indexer.synced();
+        tokio::time::timeout(Duration::from_secs(2), synced.wait_for(|s| *s))
+            .await
+            .unwrap()
+            .unwrap();
+
+        // An unrelated change publishes nothing for this address.
+        feed.send(Change::Upsert(pod("q", "10.0.0.2", true)), Instant::now())
+            .await;
+        feed.send(Change::ReplaceAll(vec![pod("p", "10.0.0.1", true)]), Instant::now())
+            .await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), a.changed())
+                .await
+                .is_err()
+        );
+
+        drop(a);
+        indexer.release(target);
+        assert_eq!(indexer.followed(), 1, "still followed by b");
+        drop(b);
+        indexer.release(target);
+        assert_eq!(indexer.followed(), 0);
+    }
+}
