@@ -1010,6 +1010,9 @@ fn watch(
         .unwrap_or(Duration::from_secs(1800));
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     state.watches_started.fetch_add(1, Ordering::AcqRel);
+    // A drop after this request was accepted must end it, even if its task
+    // has not started yet.
+    let generation = *state.drops.borrow();
     tokio::spawn(run_watch(
         state.clone(),
         WatchSpec {
@@ -1019,6 +1022,7 @@ fn watch(
             start,
             bookmarks,
             timeout,
+            generation,
         },
         tx,
     ));
@@ -1038,6 +1042,8 @@ struct WatchSpec {
     start: Start,
     bookmarks: bool,
     timeout: Duration,
+    /// The drop generation when the watch was accepted.
+    generation: u64,
 }
 
 impl WatchSpec {
@@ -1061,7 +1067,9 @@ async fn run_watch(state: Arc<Shared>, spec: WatchSpec, tx: mpsc::Sender<Bytes>)
     let rt = RESOURCES[spec.res];
     let mut changed = state.changed.subscribe();
     let mut drops = state.drops.subscribe();
-    drops.borrow_and_update();
+    if *drops.borrow_and_update() != spec.generation {
+        return;
+    }
     let deadline = tokio::time::Instant::now() + spec.timeout;
     let too_old = |rv: u64, compacted: u64| {
         event_line(

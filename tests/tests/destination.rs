@@ -678,6 +678,7 @@ async fn kubernetes_source_lists_watches_and_resumes_dropped_and_expired_watches
 
     // Dropped watches are resumed from the last resourceVersion: a change made
     // while no watch is open arrives once the watch is back.
+    wait_watches(&api).await;
     let started = api.watches_started();
     api.set_available(false);
     api.drop_watches();
@@ -698,6 +699,7 @@ async fn kubernetes_source_lists_watches_and_resumes_dropped_and_expired_watches
     }
 
     // A Pod change while down: web-2 loses its sidecar.
+    wait_watches(&api).await;
     api.set_available(false);
     api.drop_watches();
     api.update(pod("shop", "web-2", "10.1.0.2", "", false))
@@ -712,6 +714,7 @@ async fn kubernetes_source_lists_watches_and_resumes_dropped_and_expired_watches
 
     // History lost while down (410 Expired on resume): a relist, which also
     // notices a deletion it never saw as an event.
+    wait_watches(&api).await;
     let m = dest.metrics();
     let errors_before = metric_value(&m, "sidemesh_destination_source_errors_total", &[]);
     api.set_available(false);
@@ -751,6 +754,19 @@ async fn kubernetes_source_lists_watches_and_resumes_dropped_and_expired_watches
         matches!(r, discovery_response::Result::Unknown(_))
     })
     .await;
+}
+
+/// Waits (bounded) until the three watches of the destination service are open.
+async fn wait_watches(api: &ApiServer) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.watches_open() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the three watches are not all open: {}",
+            api.watches_open()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
