@@ -48,15 +48,24 @@ impl Discovery {
         Self { inner: None }
     }
 
-    /// Follows the destination service on `channel` (a lazily connected mTLS channel).
-    pub fn spawn(channel: tonic::transport::Channel) -> Self {
+    /// Follows the destination service on `channel` (a lazily connected mTLS
+    /// channel) once `ready` resolves (the workload certificate is held:
+    /// connecting before would only be refused).
+    pub fn spawn(
+        channel: tonic::transport::Channel,
+        ready: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             targets: Mutex::default(),
             requests: tx,
             connected: watch::Sender::new(false),
         });
-        tokio::spawn(run(Arc::downgrade(&inner), DestinationClient::new(channel), rx));
+        let weak = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            ready.await;
+            run(weak, DestinationClient::new(channel), rx).await;
+        });
         Self { inner: Some(inner) }
     }
 

@@ -66,6 +66,8 @@ async fn run_async(args: ProxyArgs) -> anyhow::Result<()> {
         (None, None, None)
     };
 
+    crate::identity_metrics::register(&metrics.meter("sidemesh-proxy"), certs.as_ref(), trust.as_ref());
+
     let discovery = match args.destination_addr.as_deref().filter(|a| !a.is_empty()) {
         None => Discovery::disabled(),
         Some(addr) => {
@@ -86,7 +88,10 @@ async fn run_async(args: ProxyArgs) -> anyhow::Result<()> {
                 CurrentCert::new(certs.subscribe()),
             )
             .context("SIDEMESH_DESTINATION_ADDR")?;
-            Discovery::spawn(channel)
+            let certs = certs.clone();
+            Discovery::spawn(channel, async move {
+                certs.ready().await;
+            })
         }
     };
 

@@ -65,7 +65,11 @@ fn shop(prefix: &str, server_opts: ProxyOptions) -> Shop {
     ]));
     let apps = start_apps(&server_pod);
     let server = mesh.mesh(server_pod, "shop", "web", &server_opts);
-    let client = mesh.mesh(client_pod, "default", "frontend", &ProxyOptions::default());
+    let client_opts = ProxyOptions {
+        env: server_opts.env.clone(),
+        ..ProxyOptions::default()
+    };
+    let client = mesh.mesh(client_pod, "default", "frontend", &client_opts);
     Shop {
         mesh,
         client,
@@ -201,12 +205,36 @@ fn no_plaintext_crosses_the_wire_between_meshed_pods() {
         .mesh
         .net
         .switch_cmd("tcpdump")
-        .args(["-i", "br0", "-U", "-s", "0", "-w", &pcap_s, "tcp"])
+        .args([
+            "-i",
+            "br0",
+            "-U",
+            "--immediate-mode",
+            "-Z",
+            "root",
+            "-s",
+            "0",
+            "-w",
+            &pcap_s,
+            "tcp",
+        ])
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("tcpdump");
-    std::thread::sleep(Duration::from_millis(700));
+    // Capture only starts once tcpdump says it is listening.
+    let stderr = tcpdump.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("listening on") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(15))
+        .expect("tcpdump listening within 15 s");
     let vip = service_ip(10);
     let meshed_marker = "MESHED-SECRET-7f3a";
     let plain_marker = "PLAIN-CONTROL-91bc";
@@ -226,7 +254,22 @@ fn no_plaintext_crosses_the_wire_between_meshed_pods() {
         T,
     );
     assert!(out.success(), "{}", out.stderr);
-    std::thread::sleep(Duration::from_millis(700));
+    // Stop only once the control has reached the file (bounded).
+    let contains_in_file = |needle: &str| {
+        let bytes = std::fs::read(&pcap).unwrap_or_default();
+        bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !contains_in_file(plain_marker) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &tcpdump.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tcpdump.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let _ = tcpdump.kill();
     let _ = tcpdump.wait();
     let bytes = std::fs::read(&pcap).expect("pcap");
@@ -411,4 +454,147 @@ print(len(held))
             .run("curl", &["-sf", "http://127.0.0.1:15020/live"], T)
             .success()
     );
+}
+
+/// wrk from inside a Pod: (requests, failures = non-2xx + socket errors).
+fn wrk_counts(pod: &Pod, url: &str, secs: u64) -> (u64, u64, String) {
+    let d = format!("{secs}s");
+    let out = pod.run("wrk", &["-t1", "-c4", "-d", &d, url], Duration::from_secs(secs + 20));
+    assert!(out.success(), "wrk: {}", out.stderr);
+    let requests = out
+        .stdout
+        .lines()
+        .find_map(|l| l.trim().split(" requests in ").next()?.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let non2xx = out
+        .stdout
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("Non-2xx or 3xx responses:")?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap_or(0);
+    let socket_errors: u64 = out
+        .stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Socket errors:"))
+        .map(|rest| {
+            rest.split(',')
+                .filter_map(|kv| kv.split_whitespace().last()?.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    (requests, non2xx + socket_errors, out.stdout)
+}
+
+fn wait_state(
+    w: &Workload,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let state = w.state();
+        if pred(&state) {
+            return state;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: {what} not reached within {timeout:?}: {state}",
+            w.pod.name()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn renewal_and_bundle_changes_under_load_fail_no_request_and_restart_nothing() {
+    if netns::skip_unless_tools(
+        "renewal_and_bundle_changes_under_load_fail_no_request_and_restart_nothing",
+        &["wrk"],
+    ) {
+        return;
+    }
+    let opts = ProxyOptions {
+        env: vec![("SIDEMESH_RENEW_JITTER".into(), "1s".into())],
+        ..ProxyOptions::default()
+    };
+    let shop = shop("mesh-renew", opts.clone());
+    let (client_pid, server_pid) = (shop.client.proxy.pid(), shop.server.proxy.pid());
+    let old_issuer = shop.client.state()["certificate"]["issuer_fingerprint"].clone();
+    let url = format!("http://{}/load", service_ip(10));
+    let mesh = &shop.mesh;
+    std::thread::scope(|s| {
+        let load = s.spawn(|| wrk_counts(&shop.client.pod, &url, 8));
+        std::thread::sleep(Duration::from_secs(2));
+        // A new issuer under the same root: every proxy re-certifies within the jitter.
+        let issuer =
+            sidemesh_identity::ca::new_issuer(&mesh.pki.root.cert, &mesh.pki.root.key, Duration::from_secs(86400))
+                .expect("issuer");
+        sidemesh_tests::pki::write(&mesh.pki.path("issuer.crt"), &issuer.cert);
+        sidemesh_tests::pki::write(&mesh.pki.path("issuer.key"), &issuer.key);
+        let new_fp = sidemesh_identity_client::fingerprint(&pem_der(&issuer.cert));
+        for w in [&shop.client, &shop.server] {
+            wait_state(w, "certificate from the new issuer", Duration::from_secs(10), |st| {
+                st["certificate"]["issuer_fingerprint"] == new_fp.as_str()
+            });
+        }
+        // A second root joins the bundle: picked up without restart.
+        let extra = sidemesh_identity::ca::new_root("cluster.local", Duration::from_secs(86400)).expect("root");
+        sidemesh_tests::pki::write(
+            &mesh.pki.path("bundle.pem"),
+            &format!("{}{}", mesh.pki.root.cert, extra.cert),
+        );
+        for w in [&shop.client, &shop.server] {
+            wait_state(w, "two trusted roots", Duration::from_secs(10), |st| {
+                st["trusted_roots"].as_array().is_some_and(|r| r.len() == 2)
+            });
+        }
+        let (requests, failures, text) = load.join().expect("load thread");
+        assert!(requests > 200, "too little load to mean anything: {text}");
+        assert_eq!(failures, 0, "requests failed during renewal and bundle change: {text}");
+    });
+    assert_ne!(shop.client.state()["certificate"]["issuer_fingerprint"], old_issuer);
+    assert_eq!(
+        (shop.client.proxy.pid(), shop.server.proxy.pid()),
+        (client_pid, server_pid)
+    );
+    let mut client_proxy = shop.client.proxy;
+    assert!(client_proxy.is_running(), "no proxy restarted or died");
+}
+
+#[test]
+fn a_destination_that_speaks_nonsense_leaves_traffic_flowing() {
+    if netns::skip_unless_capable("a_destination_that_speaks_nonsense_leaves_traffic_flowing") {
+        return;
+    }
+    let mesh = Mesh::start("mesh-nonsense");
+    let server = mesh.plain_pod("server");
+    let _apps = start_apps(&server);
+    // A "destination service" that answers every connection with garbage.
+    let liar = mesh.plain_pod("liar");
+    let app = binary("sidemesh-test-app");
+    let _garbage = liar.start(
+        "garbage",
+        &app,
+        &["banner", "0.0.0.0:8086", "\u{16}\u{3}\u{3}garbage-not-tls"],
+        &[],
+    );
+    assert!(liar.wait_listening(8086, Duration::from_secs(10)));
+    let opts = ProxyOptions {
+        env: vec![("SIDEMESH_DESTINATION_ADDR".into(), format!("{}:8086", liar.ip()))],
+        ..ProxyOptions::default()
+    };
+    let client = mesh.mesh(mesh.plain_pod("client"), "default", "frontend", &opts);
+    // Discovery never answers sensibly: the destination is forwarded as-is.
+    let out = curl(&client, &[&format!("http://{}:8080/still-works", server.ip())]);
+    assert!(out.contains("path=/still-works"), "{out}");
+    let state = client.state();
+    assert_eq!(state["discovery"]["connected"], false, "{state}");
+    let mut proxy = client.proxy;
+    assert!(proxy.is_running());
 }

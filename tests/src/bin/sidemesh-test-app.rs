@@ -7,6 +7,9 @@
 //! `?status=N` sets the status, `?sleep_ms=N` delays the answer.
 //! `sidemesh-test-app echo <addr>` — echoes bytes until the client half-closes.
 //! `sidemesh-test-app banner <addr> <text>` — writes `<text>\n` on accept, then echoes.
+//! `sidemesh-test-app rtt <addr> <count>` — a client: `count` round trips of a
+//! 64-byte message against an echo server on one connection; prints
+//! `p50_us p99_us`.
 #![forbid(unsafe_code)]
 
 use std::convert::Infallible;
@@ -66,6 +69,32 @@ async fn echo(mut s: TcpStream) {
     let _ = s.shutdown().await;
 }
 
+async fn rtt(addr: &str, count: usize) -> std::io::Result<()> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let msg = [b'x'; 64];
+    let mut buf = [0u8; 64];
+    let mut samples = Vec::with_capacity(count);
+    for i in 0..count + 100 {
+        let t = std::time::Instant::now();
+        s.write_all(&msg).await?;
+        s.read_exact(&mut buf).await?;
+        // The first 100 warm the path up.
+        if i >= 100 {
+            samples.push(t.elapsed().as_micros() as u64);
+        }
+    }
+    samples.sort_unstable();
+    let at = |p: f64| {
+        samples
+            .get(((samples.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    println!("{} {}", at(0.5), at(0.99));
+    Ok(())
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -74,6 +103,9 @@ async fn main() -> std::io::Result<()> {
         std::process::exit(2);
     };
     let extra = args.get(3).cloned().unwrap_or_else(|| "app".to_owned());
+    if mode == "rtt" {
+        return rtt(addr, extra.parse().unwrap_or(1000)).await;
+    }
     let listener = TcpListener::bind(addr).await?;
     loop {
         let (stream, _) = listener.accept().await?;

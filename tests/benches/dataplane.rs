@@ -1,0 +1,242 @@
+//! Benchmark: the data plane in network-namespace Pods, client sidecar +
+//! server sidecar with mTLS, against the same path with no proxies measured
+//! in the same run, with standard tools (wrk, iperf3) and a small-message
+//! round-trip client. Prints a table of medians of `BENCH_RUNS` runs.
+//!
+//! `cargo build --release --workspace --bins && cargo build --release -p sidemesh-tests --bins && cargo bench -p sidemesh-tests --bench dataplane`
+//! Needs root, iptables, wrk, iperf3, h2load; says so and exits 0 otherwise.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sidemesh_tests::mesh::{Mesh, ProxyOptions};
+use sidemesh_tests::netns::{self, Pod, service_ip};
+use sidemesh_tests::objects::{pod, service, slice, yaml};
+use sidemesh_tests::process::binary;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// `wrk` requests/s from inside `pod`.
+fn wrk(pod: &Pod, url: &str, conns: u32, secs: u64, extra: &[&str]) -> f64 {
+    let c = conns.to_string();
+    let d = format!("{secs}s");
+    let mut args = vec!["-t1", "-c", &c, "-d", &d];
+    args.extend(extra);
+    args.push(url);
+    let out = pod.run("wrk", &args, Duration::from_secs(secs + 30));
+    let rps = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:").map(|v| v.trim().parse().unwrap_or(0.0)))
+        .unwrap_or(0.0);
+    let errors = out
+        .stdout
+        .lines()
+        .find(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
+    if let Some(e) = errors {
+        eprintln!("wrk {url} -c{conns} {extra:?}: {e}");
+    }
+    rps
+}
+
+fn iperf(pod: &Pod, host: &str, secs: u64) -> f64 {
+    let t = secs.to_string();
+    let out = pod.run("iperf3", &["-c", host, "-t", &t, "-J"], Duration::from_secs(secs + 30));
+    serde_json::from_str::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v["end"]["sum_received"]["bits_per_second"].as_f64())
+        .unwrap_or(0.0)
+}
+
+fn rtt(pod: &Pod, addr: &str) -> (f64, f64) {
+    let app = binary("sidemesh-test-app");
+    let out = pod.run(&app, &["rtt", addr, "5000"], Duration::from_secs(60));
+    let mut it = out.stdout.split_whitespace().filter_map(|w| w.parse::<f64>().ok());
+    (it.next().unwrap_or(0.0), it.next().unwrap_or(0.0))
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_comm = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    // Fields 14 and 15 of stat (utime, stime) are 12 and 13 after the comm.
+    let ticks: f64 = fields.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn start_apps(pod: &Pod) -> Vec<sidemesh_tests::process::Proc> {
+    let app = binary("sidemesh-test-app");
+    let procs = vec![
+        pod.start("app-http", &app, &["http", "0.0.0.0:8080", "web"], &[]),
+        pod.start("app-echo", &app, &["echo", "0.0.0.0:9000"], &[]),
+        pod.start("iperf3", "iperf3", &["-s", "-p", "5201"], &[]),
+    ];
+    for port in [8080, 9000, 5201] {
+        assert!(pod.wait_listening(port, Duration::from_secs(10)), "port {port}");
+    }
+    procs
+}
+
+fn main() {
+    if netns::skip_unless_tools("dataplane benchmark", &["wrk", "iperf3", "h2load"]) {
+        return;
+    }
+    let runs = env_or("BENCH_RUNS", 3) as usize;
+    let secs = env_or("BENCH_SECONDS", 5);
+    let mesh = Mesh::start("bench");
+    let client_pod = mesh.plain_pod("client");
+    let server_pod = mesh.plain_pod("server");
+    let dclient = mesh.plain_pod("dclient");
+    let dserver = mesh.plain_pod("dserver");
+    let vip = service_ip(10).to_string();
+    let (sip, cip) = (server_pod.ip().to_string(), client_pod.ip().to_string());
+    mesh.set_objects(&yaml(&[
+        service(
+            "shop",
+            "web",
+            &vip,
+            &[("http", 80), ("tcp", 9000), ("iperf", 5201)],
+            json!({}),
+        ),
+        slice(
+            "shop",
+            "web-1",
+            "web",
+            &[("http", 8080), ("tcp", 9000), ("iperf", 5201)],
+            &[(&sip, "server", true)],
+        ),
+        pod("shop", "server", &sip, "web", true),
+        pod("default", "client", &cip, "frontend", true),
+    ]));
+    let _apps = start_apps(&server_pod);
+    let _dapps = start_apps(&dserver);
+    let idle_started = Instant::now();
+    let server = mesh.mesh(server_pod, "shop", "web", &ProxyOptions::default());
+    let client = mesh.mesh(client_pod, "default", "frontend", &ProxyOptions::default());
+    let ready_ms = client
+        .proxy
+        .log()
+        .lines()
+        .find_map(|l| l.split("ms=").nth(1)?.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(f64::NAN);
+    let _ = idle_started;
+    // Warm the mesh path (discovery answer, pooled connection) before measuring.
+    let warm = client.run("curl", &["-sf", &format!("http://{vip}/warm")], Duration::from_secs(10));
+    assert!(warm.success(), "mesh path does not work: {}", warm.stderr);
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_idle = rss_mb(client.proxy.pid()).max(rss_mb(server.proxy.pid()));
+
+    let mesh_url = format!("http://{vip}/");
+    let direct_url = format!("http://{}:8080/", dserver.ip());
+    let close = ["-H", "Connection: close"];
+    let mut rows: Vec<(String, f64, f64, String)> = Vec::new();
+    let mut measure = |name: &str, goal: &str, f: &dyn Fn(bool) -> f64| {
+        let mut direct = Vec::new();
+        let mut meshed = Vec::new();
+        for _ in 0..runs {
+            direct.push(f(false));
+            meshed.push(f(true));
+        }
+        rows.push((name.to_owned(), median(direct), median(meshed), goal.to_owned()));
+    };
+    let (c, d) = (&client.pod, &dclient);
+    measure("HTTP/1.1 keep-alive, 64 connections, requests/s", "≥ 0.35", &|m| {
+        if m {
+            wrk(c, &mesh_url, 64, secs, &[])
+        } else {
+            wrk(d, &direct_url, 64, secs, &[])
+        }
+    });
+    measure("HTTP/1.1 one connection, requests/s", "≥ 0.6", &|m| {
+        if m {
+            wrk(c, &mesh_url, 1, secs, &[])
+        } else {
+            wrk(d, &direct_url, 1, secs, &[])
+        }
+    });
+    measure("HTTP/1.1 new connection per request, requests/s", "≥ 0.27", &|m| {
+        if m {
+            wrk(c, &mesh_url, 16, secs, &close)
+        } else {
+            wrk(d, &direct_url, 16, secs, &close)
+        }
+    });
+    measure("bulk TCP, one stream, Gbit/s", "≥ 0.45", &|m| {
+        if m {
+            iperf(c, &vip, secs) / 1e9
+        } else {
+            iperf(d, &dserver.ip().to_string(), secs) / 1e9
+        }
+    });
+    let (mut rtt_direct, mut rtt_mesh) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        rtt_direct.push(rtt(d, &format!("{}:9000", dserver.ip())).0);
+        rtt_mesh.push(rtt(c, &format!("{vip}:9000")).0);
+    }
+    let (rtt_direct, rtt_mesh) = (median(rtt_direct), median(rtt_mesh));
+
+    // CPU of both proxies per 1000 requests/s, under saturating keep-alive load.
+    let pids = [client.proxy.pid(), server.proxy.pid()];
+    let cpu0: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+    let t0 = Instant::now();
+    let rps = wrk(c, &mesh_url, 64, secs, &[]);
+    let cpu = pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu0;
+    let vcpu_per_krps = (cpu / t0.elapsed().as_secs_f64()) / (rps / 1000.0);
+
+    // RSS at 1000 requests/s over 100 connections (h2load: 100 clients × 10 rps).
+    let h2 = c
+        .cmd("h2load")
+        .args(["--h1", "-c", "100", "--rps", "10", "-D", "8", &mesh_url])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    let mut rss_load: f64 = 0.0;
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < deadline {
+        rss_load = rss_load.max(rss_mb(client.proxy.pid())).max(rss_mb(server.proxy.pid()));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if let Ok(mut h2) = h2 {
+        let _ = h2.wait();
+    }
+
+    println!();
+    println!(
+        "data plane: client sidecar + server sidecar (mTLS) vs direct, medians of {runs} runs of {secs} s, one run"
+    );
+    println!("| figure | direct | sidemesh | ratio | goal |");
+    println!("|---|---|---|---|---|");
+    for (name, direct, meshed, goal) in &rows {
+        println!(
+            "| {name} | {direct:.1} | {meshed:.1} | **{:.2}** | {goal} |",
+            meshed / direct.max(f64::MIN_POSITIVE)
+        );
+    }
+    println!(
+        "| small-message round trip p50 (64 B, TCP), µs | {rtt_direct:.0} | {rtt_mesh:.0} | +{:.0} µs | |",
+        rtt_mesh - rtt_direct
+    );
+    println!("| CPU of both proxies per 1000 requests/s (at {rps:.0} rps) | | {vcpu_per_krps:.3} vCPU | | ≤ 0.04 |");
+    println!("| proxy RSS idle (max of the two), MB | | {rss_idle:.1} | | ≤ 8 |");
+    println!("| proxy RSS at 1000 rps over 100 connections, MB | | {rss_load:.1} | | ≤ 15 |");
+    println!("| proxy ready after start (certificate held), ms | | {ready_ms:.0} | | ≤ 50 |");
+}
