@@ -15,7 +15,9 @@ use k8s_openapi::api::core::v1::{
     Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Deserialize as _;
 use serde_json::{Value, json};
 
 use crate::annotations::{self, InjectMode, InvalidAnnotation, Layered, Origin, Overrides};
@@ -301,6 +303,26 @@ pub fn plan(config: &InjectorConfig, pod: PodParts<'_>, namespace: NamespaceView
         reason,
         overrides: Box::new(overrides),
     }
+}
+
+/// [`plan`] for a Pod or Pod template given as JSON (`metadata` and `spec`);
+/// `namespace` overrides the object's own `metadata.namespace`.
+pub fn plan_json(config: &InjectorConfig, object: &Value, namespace: Option<&str>, view: NamespaceView<'_>) -> Plan {
+    let meta: ObjectMeta = match object.get("metadata") {
+        None | Some(Value::Null) => ObjectMeta::default(),
+        Some(m) => match ObjectMeta::deserialize(m) {
+            Ok(m) => m,
+            Err(e) => return Plan::Deny(Denial::Malformed(format!("metadata: {e}"))),
+        },
+    };
+    let no_spec = Value::Null;
+    let pod = PodParts {
+        namespace: namespace.or(meta.namespace.as_deref()),
+        annotations: meta.annotations.as_ref(),
+        has_metadata: object.get("metadata").is_some_and(Value::is_object),
+        spec: object.get("spec").unwrap_or(&no_spec),
+    };
+    plan(config, pod, view)
 }
 
 /// The `name`s of the objects in a Pod spec list (containers, volumes).

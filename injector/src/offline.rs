@@ -9,10 +9,9 @@
 //! sidemesh-system) is skipped here too, and an invalid override annotation
 //! is an error that names the document.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::Value;
 
-use crate::inject::{self, InjectorConfig, NamespaceView, Plan, PodParts};
+use crate::inject::{self, InjectorConfig, NamespaceView, Plan};
 
 /// Why offline injection failed.
 #[derive(Debug, thiserror::Error)]
@@ -101,20 +100,7 @@ pub fn inject_object(config: &InjectorConfig, object: &mut Value, index: usize) 
     let Some(template) = object.pointer_mut(path) else {
         return Err(refused(format!("no Pod template at {path}")));
     };
-    let meta: ObjectMeta = match template.get("metadata") {
-        None | Some(Value::Null) => ObjectMeta::default(),
-        Some(m) => serde_json::from_value(m.clone()).map_err(|e| refused(format!("metadata: {e}")))?,
-    };
-    let no_spec = Value::Null;
-    let plan = {
-        let pod = PodParts {
-            namespace: namespace.as_deref().or(meta.namespace.as_deref()),
-            annotations: meta.annotations.as_ref(),
-            has_metadata: template.get("metadata").is_some_and(Value::is_object),
-            spec: template.get("spec").unwrap_or(&no_spec),
-        };
-        inject::plan(config, pod, NamespaceView::Offline)
-    };
+    let plan = inject::plan_json(config, template, namespace.as_deref(), NamespaceView::Offline);
     match plan {
         Plan::Inject { patch, .. } => {
             json_patch::patch(template, &patch).map_err(|e| refused(format!("applying the patch: {e}")))?;
