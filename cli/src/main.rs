@@ -5,9 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod check;
 mod files;
 mod inject;
 mod install;
+mod rotate;
 mod trust;
 
 /// sidemesh: a sidecar service mesh for Kubernetes.
@@ -40,8 +42,8 @@ enum Command {
     /// Make and inspect roots, issuers and bundles.
     #[command(subcommand)]
     Trust(trust::TrustCommand),
-    /// Verify a bundle/issuer/leaf chain offline, or a cluster.
-    Check,
+    /// Verify a bundle/issuer/leaf chain offline, and that proxies agree with the bundle.
+    Check(check::CheckArgs),
 }
 
 fn not_built(what: &str) -> anyhow::Result<()> {
@@ -60,7 +62,12 @@ fn main() -> ExitCode {
         Command::Demo { .. } => not_built("demo"),
         Command::Inject { file } => inject::run(&file),
         Command::Install(args) => install::run(args),
-        Command::Check => not_built("check"),
+        Command::Check(args) => match check::run(args) {
+            Ok(true) => Ok(()),
+            // The report already says what is wrong.
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -70,8 +70,8 @@ pub enum TrustCommand {
         #[arg(long)]
         bundle: Option<PathBuf>,
     },
-    /// Guided zero-downtime root rotation.
-    Rotate,
+    /// Guided, resumable zero-downtime root rotation (docs/trust-rotation.md).
+    Rotate(Box<crate::rotate::RotateArgs>),
 }
 
 /// Runs a `trust` subcommand.
@@ -139,9 +139,7 @@ pub fn run(cmd: TrustCommand) -> anyhow::Result<()> {
             print!("{}", describe(&text, bundle.as_ref())?);
             Ok(())
         }
-        TrustCommand::Rotate => {
-            anyhow::bail!("`sidemesh trust rotate` is not built yet in this version of sidemesh")
-        }
+        TrustCommand::Rotate(args) => crate::rotate::run(*args),
     }
 }
 

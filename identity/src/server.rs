@@ -125,6 +125,7 @@ pub async fn start(
     let (cert, cert_expiry) = serving_cert(&issuer, &config.server_id, config.leaf_lifetime)?;
     let (issuer_tx, issuer_rx) = watch::channel(Arc::new(issuer));
     let issuer_tx = Arc::new(issuer_tx);
+    metrics.watch_expiry(issuer_rx.clone(), trust.clone());
     watch_issuer_files(&config, trust.clone(), issuer_tx.clone(), metrics.clone());
 
     let serving = Arc::new(ServingCert(RwLock::new(cert)));

@@ -10,6 +10,7 @@
 //! - [`tls`]: mesh TLS configurations;
 //! - [`inbound`]: connections in, mTLS terminated, delivered to the application;
 //! - [`http`]: request rewriting between HTTP/1, HTTP/2 and the mesh hop;
+//! - [`identity_metrics`]: certificate and trust-bundle gauges;
 //! - [`admin`]: `/ready`, `/live`, `/metrics`, `/debug/state`, `POST /shutdown`;
 //! - [`drain`]: graceful shutdown.
 #![forbid(unsafe_code)]
@@ -22,6 +23,7 @@ pub mod detect;
 pub mod discovery;
 pub mod drain;
 pub mod http;
+pub mod identity_metrics;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
