@@ -48,7 +48,7 @@ pub fn state(proxy: &Proxy) -> Value {
             None => json!({ "target": target.to_string(), "kind": "pending" }),
             Some(Resolution::Unknown) => json!({ "target": target.to_string(), "kind": "unknown" }),
             Some(Resolution::Pod(ep)) => json!({ "target": target.to_string(), "kind": "pod", "endpoint": endpoint_json(&ep) }),
-            Some(Resolution::Service(svc)) => json!({
+            Some(Resolution::Service(policy)) => { let svc = &policy.service; json!({
                 "target": target.to_string(),
                 "kind": "service",
                 "service": format!("{}/{}", svc.namespace, svc.name),
@@ -57,7 +57,7 @@ pub fn state(proxy: &Proxy) -> Value {
                 "endpoints": svc.default_backend.as_ref().map(|b| b.endpoints.iter().map(endpoint_json).collect::<Vec<_>>()).unwrap_or_default(),
                 "backends": svc.backends.iter().map(|b| json!({ "key": b.key, "endpoints": b.endpoints.iter().map(endpoint_json).collect::<Vec<_>>() })).collect::<Vec<_>>(),
                 "routes": svc.routes.iter().map(|r| json!({ "name": r.name, "rule": r.rule, "backends": r.backends.iter().map(|b| json!({ "key": b.key, "weight": b.weight })).collect::<Vec<_>>() })).collect::<Vec<_>>(),
-            }),
+            }) }
         })
         .collect();
     json!({

@@ -14,15 +14,29 @@ use sidemesh_proto::destination::v1::{
 };
 use tokio::sync::{mpsc, watch};
 
+use crate::policy::ServicePolicy;
+use crate::retry::Budget;
+
 /// What an original destination is, as far as the mesh knows.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Resolution {
     /// Not known (yet, or at all): forward to the original destination.
     Unknown,
-    /// A Service's ClusterIP:port.
-    Service(Arc<pb::Service>),
+    /// A Service's ClusterIP:port, with its compiled traffic policy.
+    Service(Arc<ServicePolicy>),
     /// A Pod's IP:port.
     Pod(Arc<pb::Endpoint>),
+}
+
+impl PartialEq for Resolution {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Unknown, Self::Unknown) => true,
+            (Self::Service(a), Self::Service(b)) => a.service == b.service,
+            (Self::Pod(a), Self::Pod(b)) => a == b,
+            _ => false,
+        }
+    }
 }
 
 /// How long a new target waits for its first answer before it is treated
@@ -40,6 +54,8 @@ struct Inner {
     targets: Mutex<HashMap<SocketAddr, watch::Sender<Option<Resolution>>>>,
     requests: mpsc::UnboundedSender<SocketAddr>,
     connected: watch::Sender<bool>,
+    // Budgets outlive updates of their Service, or every update would refill them.
+    budgets: Mutex<HashMap<String, Arc<Budget>>>,
 }
 
 impl Discovery {
@@ -60,6 +76,7 @@ impl Discovery {
             targets: Mutex::default(),
             requests: tx,
             connected: watch::Sender::new(false),
+            budgets: Mutex::default(),
         });
         let weak = Arc::downgrade(&inner);
         tokio::spawn(async move {
@@ -117,13 +134,46 @@ impl Discovery {
     }
 }
 
+/// The Service's budget: kept across updates unless its ratio changed.
+fn budget_for(inner: &Inner, svc: &pb::Service) -> Arc<Budget> {
+    let (ratio, min, window) = match &svc.retry_budget {
+        Some(b) => (
+            b.ratio as f32,
+            b.min_retries_per_second,
+            b.window
+                .as_ref()
+                .and_then(|w| {
+                    Some(Duration::new(
+                        u64::try_from(w.seconds).ok()?,
+                        u32::try_from(w.nanos).ok()?,
+                    ))
+                })
+                .unwrap_or(Duration::from_secs(10)),
+        ),
+        None => (0.2, 10, Duration::from_secs(10)),
+    };
+    let key = format!("{}/{}", svc.namespace, svc.name);
+    let mut budgets = inner.budgets.lock().unwrap_or_else(|p| p.into_inner());
+    match budgets.get(&key) {
+        Some(b) if (b.ratio - ratio).abs() < f32::EPSILON => b.clone(),
+        _ => {
+            let b = Arc::new(Budget::new(ratio, min, window));
+            budgets.insert(key, b.clone());
+            b
+        }
+    }
+}
+
 fn apply(inner: &Inner, rsp: DiscoveryResponse) {
     let Ok(target) = rsp.target.parse::<SocketAddr>() else {
         tracing::debug!(target = %rsp.target, "discovery answer for an unparseable target ignored");
         return;
     };
     let resolution = match rsp.result {
-        Some(discovery_response::Result::Service(s)) => Resolution::Service(Arc::new(s)),
+        Some(discovery_response::Result::Service(s)) => {
+            let budget = budget_for(inner, &s);
+            Resolution::Service(Arc::new(ServicePolicy::compile(s, budget)))
+        }
         Some(discovery_response::Result::Pod(p)) => Resolution::Pod(Arc::new(p)),
         Some(discovery_response::Result::Unknown(_)) | None => Resolution::Unknown,
     };

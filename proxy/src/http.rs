@@ -14,8 +14,12 @@ pub const ORIG_PROTO: HeaderName = HeaderName::from_static("sidemesh-orig-proto"
 /// peers (and removed from anything else, so it cannot be forged).
 pub const CLIENT_ID: HeaderName = HeaderName::from_static("sidemesh-client-id");
 
-/// Body of responses: the upstream's, or one the proxy made.
+/// Body of requests and responses: streamed from the peer, or held whole
+/// (a response the proxy made, or a request buffered so it can be retried).
 pub type Body = Either<Incoming, Full<Bytes>>;
+
+/// Retried attempts carry their number (1 for the first retry) so backends can tell.
+pub const RETRY_ATTEMPT: HeaderName = HeaderName::from_static("x-sidemesh-retry-attempt");
 
 /// A response made by the proxy itself.
 pub fn respond(status: StatusCode, msg: &'static str) -> Response<Body> {
@@ -56,7 +60,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Rewrites an application's request for the HTTP/2 hop between proxies:
 /// absolute URI (authority from `Host`), hop-by-hop headers gone, and the
 /// original version recorded.
-pub fn to_mesh(req: &mut Request<Incoming>, fallback_authority: &str) -> Result<(), http::Error> {
+pub fn to_mesh<B>(req: &mut Request<B>, fallback_authority: &str) -> Result<(), http::Error> {
     let orig = req.version();
     if orig != Version::HTTP_2 {
         let proto = if orig == Version::HTTP_10 {
@@ -91,7 +95,7 @@ pub fn to_mesh(req: &mut Request<Incoming>, fallback_authority: &str) -> Result<
 
 /// Rewrites a request that arrived from a peer proxy for the application at
 /// `app` (`ip:port`): back to HTTP/1 when the client spoke it, `Host` restored.
-pub fn to_app(req: &mut Request<Incoming>, app: &str) -> Result<Version, http::Error> {
+pub fn to_app<B>(req: &mut Request<B>, app: &str) -> Result<Version, http::Error> {
     let version = match req.headers_mut().remove(ORIG_PROTO) {
         Some(v) if v == "HTTP/1.0" => Version::HTTP_10,
         Some(_) => Version::HTTP_11,
@@ -115,7 +119,7 @@ pub fn to_app(req: &mut Request<Incoming>, app: &str) -> Result<Version, http::E
 }
 
 /// Rewrites an application's request for a plain (unmeshed) upstream at `addr`.
-pub fn to_plain(req: &mut Request<Incoming>, addr: &str) -> Result<(), http::Error> {
+pub fn to_plain<B>(req: &mut Request<B>, addr: &str) -> Result<(), http::Error> {
     if req.version() != Version::HTTP_2
         && !req.headers().contains_key(header::HOST)
         && let Ok(host) = HeaderValue::from_str(addr)

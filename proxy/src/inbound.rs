@@ -117,7 +117,12 @@ async fn serve_plain_http(proxy: &Arc<Proxy>, stream: TcpStream, app: SocketAddr
         async move {
             req.headers_mut().remove(h::CLIENT_ID);
             let rsp = match h::to_plain(&mut req, &app.to_string()) {
-                Ok(()) => match proxy.plain.for_version(req.version()).request(req).await {
+                Ok(()) => match proxy
+                    .plain
+                    .for_version(req.version())
+                    .request(req.map(Either::Left))
+                    .await
+                {
                     Ok(rsp) => rsp.map(Either::Left),
                     Err(e) => {
                         tracing::debug!(%app, error = %e, "application request failed");
@@ -201,7 +206,7 @@ async fn to_app(proxy: &Proxy, app: SocketAddr, client_id: &SpiffeId, mut req: R
     if let Ok(v) = http::HeaderValue::from_str(&client_id.to_string()) {
         req.headers_mut().insert(h::CLIENT_ID, v);
     }
-    match proxy.plain.for_version(version).request(req).await {
+    match proxy.plain.for_version(version).request(req.map(Either::Left)).await {
         Ok(rsp) => rsp.map(Either::Left),
         Err(e) => {
             tracing::debug!(%app, error = %e, "application request failed");

@@ -6,6 +6,9 @@
 //! - [`detect`]: HTTP/1, HTTP/2, TLS or opaque, from the first bytes;
 //! - [`discovery`]: what the destination is (the destination service's stream);
 //! - [`outbound`]: the application's connections out;
+//! - [`policy`]: HTTPRoute rules compiled and matched, weighted backend split;
+//! - [`balance`]: P2C over peak-EWMA latency, failure accrual and ejection;
+//! - [`retry`]: retry budget and backoff;
 //! - [`pool`]: mTLS HTTP/2 connections to peer proxies, plain clients;
 //! - [`tls`]: mesh TLS configurations;
 //! - [`inbound`]: connections in, mTLS terminated, delivered to the application;
@@ -17,6 +20,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod balance;
 pub mod capture;
 pub mod config;
 pub mod detect;
@@ -26,7 +30,9 @@ pub mod http;
 pub mod identity_metrics;
 pub mod inbound;
 pub mod outbound;
+pub mod policy;
 pub mod pool;
+pub mod retry;
 pub mod run;
 pub mod socket;
 pub mod tls;
@@ -44,6 +50,8 @@ pub struct Proxy {
     pub pool: Option<pool::MeshPool>,
     /// Plain HTTP clients (unmeshed upstreams and the local application).
     pub plain: pool::PlainClients,
+    /// Endpoint statistics for load balancing.
+    pub balancer: balance::Balancer,
     /// Discovery cache.
     pub discovery: discovery::Discovery,
     /// Certificate manager, when an identity service is configured.

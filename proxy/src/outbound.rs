@@ -8,8 +8,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use futures::FutureExt as _;
 use http::{Request, Response, StatusCode};
-use http_body_util::Either;
+use http_body_util::{BodyExt as _, Either};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -21,6 +22,8 @@ use crate::Proxy;
 use crate::detect::{self, Protocol};
 use crate::discovery::Resolution;
 use crate::http::{self as h, Body};
+use crate::policy::{Rule, ServicePolicy, split};
+use crate::retry::MAX_RETRY_BODY;
 
 /// Accepts on the outbound listener until draining starts.
 pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
@@ -67,35 +70,19 @@ fn endpoint_target(proxy: &Proxy, ep: &pb::Endpoint) -> Option<Target> {
     })
 }
 
-/// Picks an endpoint of the resolution; `None` for a service with none.
-fn pick(proxy: &Proxy, orig: SocketAddr, resolution: &Resolution) -> Option<Target> {
-    match resolution {
-        Resolution::Unknown => Some(Target {
-            addr: orig,
-            identity: None,
-        }),
-        Resolution::Pod(ep) => endpoint_target(proxy, ep).or(Some(Target {
-            addr: orig,
-            identity: None,
-        })),
-        Resolution::Service(svc) => {
-            let eps: Vec<&pb::Endpoint> = svc
-                .default_backend
-                .as_ref()
-                .map(|b| b.endpoints.iter().filter(|e| e.ready).collect())
-                .unwrap_or_default();
-            if eps.is_empty() {
-                return None;
-            }
-            let i = rand::random_range(0..eps.len());
-            endpoint_target(proxy, eps[i])
-        }
+/// The backend of a Service for a whole TCP connection: the first rule's
+/// weighted split (HTTPRoute matches are HTTP-only), else the Service itself.
+fn tcp_backend(policy: &ServicePolicy) -> Option<&str> {
+    match policy.rules.first() {
+        Some(rule) => split(&rule.backends),
+        None => Some(&policy.default_key),
     }
 }
 
 fn is_opaque(proxy: &Proxy, orig: SocketAddr, resolution: &Resolution) -> bool {
     proxy.opaque_ports.contains(&orig.port())
-        || matches!(resolution, Resolution::Service(s) if s.opaque)
+        || matches!(resolution, Resolution::Service(s) if s.service.opaque)
+        || matches!(resolution, Resolution::Pod(p) if p.opaque)
         || matches!(resolution, Resolution::Unknown)
 }
 
@@ -126,19 +113,45 @@ async fn forward_tcp(
     orig: SocketAddr,
     resolution: &Resolution,
 ) -> anyhow::Result<()> {
-    let Some(target) = pick(proxy, orig, resolution) else {
-        anyhow::bail!("{orig}: service has no ready endpoint");
+    let (target, pick) = match resolution {
+        Resolution::Unknown => (
+            Target {
+                addr: orig,
+                identity: None,
+            },
+            None,
+        ),
+        Resolution::Pod(ep) => (
+            endpoint_target(proxy, ep).unwrap_or(Target {
+                addr: orig,
+                identity: None,
+            }),
+            None,
+        ),
+        Resolution::Service(policy) => {
+            let key = tcp_backend(policy).ok_or_else(|| anyhow::anyhow!("{orig}: every backend has weight 0"))?;
+            let endpoints = policy.endpoints(key);
+            let pick = proxy
+                .balancer
+                .pick(endpoints, &[])
+                .ok_or_else(|| anyhow::anyhow!("{orig}: backend {key} has no endpoint"))?;
+            let target = endpoint_target(proxy, &endpoints[pick.index])
+                .ok_or_else(|| anyhow::anyhow!("{orig}: endpoint address unusable"))?;
+            (target, Some(pick))
+        }
     };
-    match (&target.identity, &proxy.pool) {
-        (Some(id), Some(pool)) => {
-            let mut upstream = crate::pool::connect_mesh_tcp(pool.tls(), target.addr, id).await?;
-            tokio::io::copy_bidirectional(&mut stream, &mut upstream).await?;
-        }
-        _ => {
-            let mut upstream = crate::pool::connect_tcp(target.addr).await?;
-            tokio::io::copy_bidirectional(&mut stream, &mut upstream).await?;
-        }
+    let connected = match (&target.identity, &proxy.pool) {
+        (Some(id), Some(pool)) => crate::pool::connect_mesh_tcp(pool.tls(), target.addr, id)
+            .await
+            .map(|mut upstream| async move { tokio::io::copy_bidirectional(&mut stream, &mut upstream).await }.boxed()),
+        _ => crate::pool::connect_tcp(target.addr)
+            .await
+            .map(|mut upstream| async move { tokio::io::copy_bidirectional(&mut stream, &mut upstream).await }.boxed()),
+    };
+    if let Some(pick) = pick {
+        proxy.balancer.done(pick, connected.is_ok());
     }
+    connected?.await?;
     Ok(())
 }
 
@@ -163,50 +176,232 @@ async fn serve_http(proxy: Arc<Proxy>, stream: TcpStream, orig: SocketAddr) -> a
     Ok(())
 }
 
+/// Why one attempt failed before a response arrived.
+#[derive(Debug)]
+enum AttemptError {
+    /// Could not connect, or the connection failed mid-request.
+    Connection(String),
+    /// The per-attempt timeout passed.
+    Timeout,
+    /// The request cannot be sent at all.
+    Malformed,
+}
+
+impl std::fmt::Display for AttemptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Connection(e) => write!(f, "connection: {e}"),
+            Self::Timeout => f.write_str("per-attempt timeout"),
+            Self::Malformed => f.write_str("malformed request"),
+        }
+    }
+}
+
+impl AttemptError {
+    fn response(&self) -> Response<Body> {
+        match self {
+            Self::Connection(_) => h::respond(StatusCode::BAD_GATEWAY, "sidemesh: cannot reach the endpoint\n"),
+            Self::Timeout => h::respond(
+                StatusCode::GATEWAY_TIMEOUT,
+                "sidemesh: the endpoint did not answer in time\n",
+            ),
+            Self::Malformed => h::respond(StatusCode::BAD_REQUEST, "sidemesh: malformed request\n"),
+        }
+    }
+}
+
+/// Sends one request to `target` (over the mesh when it is meshed).
+async fn send(
+    proxy: &Proxy,
+    target: &Target,
+    orig: SocketAddr,
+    mut req: Request<Body>,
+) -> Result<Response<Incoming>, AttemptError> {
+    match (&target.identity, &proxy.pool) {
+        (Some(id), Some(pool)) => {
+            h::to_mesh(&mut req, &orig.to_string()).map_err(|_| AttemptError::Malformed)?;
+            let mut sender = pool
+                .get(target.addr, id)
+                .await
+                .map_err(|e| AttemptError::Connection(e.to_string()))?;
+            sender
+                .send_request(req)
+                .await
+                .map_err(|e| AttemptError::Connection(e.to_string()))
+        }
+        _ => {
+            h::to_plain(&mut req, &target.addr.to_string()).map_err(|_| AttemptError::Malformed)?;
+            let client = proxy.plain.for_version(req.version());
+            client
+                .request(req)
+                .await
+                .map_err(|e| AttemptError::Connection(e.to_string()))
+        }
+    }
+}
+
 /// Sends one request to an endpoint of its destination.
 async fn route(proxy: &Proxy, orig: SocketAddr, resolution: &Resolution, mut req: Request<Incoming>) -> Response<Body> {
     // Only the inbound proxy may say who the client is.
     req.headers_mut().remove(h::CLIENT_ID);
-    let Some(target) = pick(proxy, orig, resolution) else {
+    let target = match resolution {
+        Resolution::Service(policy) => return call_service(proxy, orig, policy, req).await,
+        Resolution::Pod(ep) => endpoint_target(proxy, ep),
+        Resolution::Unknown => None,
+    };
+    let target = target.unwrap_or(Target {
+        addr: orig,
+        identity: None,
+    });
+    match send(proxy, &target, orig, req.map(Either::Left)).await {
+        Ok(rsp) => rsp.map(Either::Left),
+        Err(e) => {
+            tracing::debug!(addr = %target.addr, error = %e, "request failed");
+            e.response()
+        }
+    }
+}
+
+/// Whether a request body may be held in memory for retries: known to be
+/// small (Content-Length or an exact size hint) or empty.
+fn bufferable(body: &Incoming) -> bool {
+    use hyper::body::Body as _;
+    body.is_end_stream() || body.size_hint().upper().is_some_and(|n| n <= MAX_RETRY_BODY as u64)
+}
+
+/// A Service request: route rule, backend split, endpoint choice, retries
+/// within the budget, timeouts.
+async fn call_service(
+    proxy: &Proxy,
+    orig: SocketAddr,
+    policy: &ServicePolicy,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let rule = policy.select(&req);
+    let key = match rule {
+        Some(rule) => match split(&rule.backends) {
+            Some(key) => key,
+            // Gateway API: a rule whose backends all weigh 0 answers 500.
+            None => return h::respond(StatusCode::INTERNAL_SERVER_ERROR, "sidemesh: no backend has weight\n"),
+        },
+        None => policy.default_key.as_str(),
+    };
+    let endpoints = policy.endpoints(key);
+    if endpoints.is_empty() {
         return h::respond(
             StatusCode::SERVICE_UNAVAILABLE,
-            "sidemesh: the service has no ready endpoint\n",
+            "sidemesh: the backend has no endpoint\n",
         );
+    }
+    policy.budget.deposit();
+    let attempts = attempts(proxy, orig, policy, rule, endpoints, req);
+    match rule.and_then(|r| r.request_timeout) {
+        Some(limit) => tokio::time::timeout(limit, attempts)
+            .await
+            .unwrap_or_else(|_| h::respond(StatusCode::GATEWAY_TIMEOUT, "sidemesh: request timeout\n")),
+        None => attempts.await,
+    }
+}
+
+async fn attempts(
+    proxy: &Proxy,
+    orig: SocketAddr,
+    policy: &ServicePolicy,
+    rule: Option<&Rule>,
+    endpoints: &[pb::Endpoint],
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let retry = rule.and_then(|r| r.retry.as_ref());
+    let backend_timeout = rule.and_then(|r| r.backend_timeout);
+    let (parts, body) = req.into_parts();
+    // Retries need the body again: hold it when it is small, else send it once.
+    let (buffered, mut streaming) = if retry.is_some() && bufferable(&body) {
+        match body.collect().await {
+            Ok(b) => (Some(b.to_bytes()), None),
+            Err(_) => return h::respond(StatusCode::BAD_REQUEST, "sidemesh: the request body broke off\n"),
+        }
+    } else {
+        (None, Some(body))
     };
-    match (&target.identity, &proxy.pool) {
-        (Some(id), Some(pool)) => {
-            if let Err(e) = h::to_mesh(&mut req, &orig.to_string()) {
-                tracing::debug!(error = %e, "request cannot be carried over HTTP/2");
-                return h::respond(StatusCode::BAD_REQUEST, "sidemesh: malformed request\n");
-            }
-            let mut sender = match pool.get(target.addr, id).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "mesh connection");
-                    return h::respond(StatusCode::BAD_GATEWAY, "sidemesh: cannot reach the endpoint\n");
-                }
-            };
-            match sender.send_request(req).await {
-                Ok(rsp) => rsp.map(Either::Left),
-                Err(e) => {
-                    tracing::debug!(addr = %target.addr, error = %e, "mesh request failed");
-                    h::respond(StatusCode::BAD_GATEWAY, "sidemesh: the endpoint failed the request\n")
-                }
-            }
-        }
-        _ => {
-            if let Err(e) = h::to_plain(&mut req, &target.addr.to_string()) {
-                tracing::debug!(error = %e, "malformed request");
-                return h::respond(StatusCode::BAD_REQUEST, "sidemesh: malformed request\n");
-            }
-            let client = proxy.plain.for_version(req.version());
-            match client.request(req).await {
-                Ok(rsp) => rsp.map(Either::Left),
-                Err(e) => {
-                    tracing::debug!(addr = %target.addr, error = %e, "plain request failed");
-                    h::respond(StatusCode::BAD_GATEWAY, "sidemesh: cannot reach the endpoint\n")
-                }
+    let max_attempts = match (&buffered, retry) {
+        (Some(_), Some(r)) => r.attempts,
+        _ => 1,
+    };
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut attempt = 1;
+    loop {
+        let Some(pick) = proxy.balancer.pick(endpoints, &tried) else {
+            return h::respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "sidemesh: the backend has no endpoint\n",
+            );
+        };
+        tried.push(pick.addr);
+        let Some(target) = endpoint_target(proxy, &endpoints[pick.index]) else {
+            proxy.balancer.done(pick, false);
+            return h::respond(StatusCode::BAD_GATEWAY, "sidemesh: endpoint address unusable\n");
+        };
+        let mut builder = Request::builder()
+            .method(parts.method.clone())
+            .uri(parts.uri.clone())
+            .version(parts.version);
+        if let Some(headers) = builder.headers_mut() {
+            headers.extend(parts.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+            if attempt > 1 {
+                headers.insert(h::RETRY_ATTEMPT, http::HeaderValue::from(attempt - 1));
             }
         }
+        let body: Body = match (&buffered, streaming.take()) {
+            (Some(bytes), _) => Either::Right(http_body_util::Full::new(bytes.clone())),
+            (None, Some(body)) => Either::Left(body),
+            (None, None) => {
+                return h::respond(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "sidemesh: request body already sent\n",
+                );
+            }
+        };
+        let Ok(req) = builder.body(body) else {
+            proxy.balancer.done(pick, true);
+            return h::respond(StatusCode::BAD_REQUEST, "sidemesh: malformed request\n");
+        };
+        let sent = send(proxy, &target, orig, req);
+        let result = match backend_timeout {
+            Some(limit) => tokio::time::timeout(limit, sent)
+                .await
+                .unwrap_or(Err(AttemptError::Timeout)),
+            None => sent.await,
+        };
+        let (response, retryable) = match result {
+            Ok(rsp) => {
+                let code = rsp.status().as_u16();
+                proxy.balancer.done(pick, code < 500);
+                let retryable = retry.is_some_and(|r| r.codes.contains(&code));
+                (rsp.map(Either::Left), retryable)
+            }
+            Err(e) => {
+                proxy.balancer.done(pick, false);
+                tracing::debug!(addr = %target.addr, error = %e, attempt, "attempt failed");
+                let retryable = match &e {
+                    AttemptError::Connection(_) => true,
+                    AttemptError::Timeout => retry.is_some_and(|r| r.codes.contains(&504)),
+                    AttemptError::Malformed => false,
+                };
+                (e.response(), retryable)
+            }
+        };
+        if !retryable || attempt >= max_attempts {
+            return response;
+        }
+        // When the budget is spent the original failure is returned.
+        if !policy.budget.withdraw() {
+            tracing::debug!(service = %policy.default_key, "retry budget exhausted");
+            return response;
+        }
+        drop(response);
+        if let Some(r) = retry {
+            tokio::time::sleep(crate::retry::backoff(r.backoff, attempt + 1)).await;
+        }
+        attempt += 1;
     }
 }

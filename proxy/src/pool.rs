@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -19,6 +18,7 @@ use sidemesh_identity_client::SpiffeId;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+use crate::http::Body;
 use crate::tls::{ALPN_HTTP, ALPN_TCP, MeshTls};
 
 /// Bound on establishing a TCP connection upstream.
@@ -108,7 +108,7 @@ pub async fn connect_mesh_tcp(
     connect_mesh(tls, addr, peer, ALPN_TCP).await
 }
 
-type Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Incoming>>>>;
+type Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
 
 /// Pooled HTTP/2-over-mTLS connections to peer proxies, one per endpoint.
 #[derive(Debug)]
@@ -132,7 +132,7 @@ impl MeshPool {
     }
 
     /// A ready sender to `addr`, connecting (once, whoever asks first) if needed.
-    pub async fn get(&self, addr: SocketAddr, peer: &SpiffeId) -> Result<http2::SendRequest<Incoming>, ConnectError> {
+    pub async fn get(&self, addr: SocketAddr, peer: &SpiffeId) -> Result<http2::SendRequest<Body>, ConnectError> {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
             slots.entry((addr, peer.clone())).or_default().clone()
@@ -184,9 +184,9 @@ impl MeshPool {
 #[derive(Clone, Debug)]
 pub struct PlainClients {
     /// HTTP/1.1.
-    pub http1: Client<HttpConnector, Incoming>,
+    pub http1: Client<HttpConnector, Body>,
     /// HTTP/2 with prior knowledge.
-    pub http2: Client<HttpConnector, Incoming>,
+    pub http2: Client<HttpConnector, Body>,
 }
 
 impl Default for PlainClients {
@@ -215,7 +215,7 @@ impl PlainClients {
     }
 
     /// The client for a request of `version`.
-    pub fn for_version(&self, version: http::Version) -> &Client<HttpConnector, Incoming> {
+    pub fn for_version(&self, version: http::Version) -> &Client<HttpConnector, Body> {
         if version == http::Version::HTTP_2 {
             &self.http2
         } else {

@@ -105,6 +105,7 @@ async fn run_async(args: ProxyArgs) -> anyhow::Result<()> {
     let proxy = Arc::new(Proxy {
         pool: tls.map(MeshPool::new),
         plain: PlainClients::new(),
+        balancer: crate::balance::Balancer::default(),
         discovery,
         certs: certs.clone(),
         trust,

@@ -1,0 +1,250 @@
+//! Load balancing among a backend's endpoints: power of two choices over
+//! peak-EWMA latency weighted by requests in flight (Linkerd's and
+//! Finagle's choice), with failure accrual: consecutive failures eject an
+//! endpoint for an exponentially growing time, after which one request probes
+//! it; a success restores it, a failure ejects it again for longer.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use sidemesh_proto::destination::v1 as pb;
+
+/// Consecutive failures that eject an endpoint.
+pub const FAILURES_TO_EJECT: u32 = 5;
+/// First ejection; doubles on each re-ejection up to [`MAX_EJECTION`].
+pub const BASE_EJECTION: Duration = Duration::from_secs(1);
+/// Longest ejection.
+pub const MAX_EJECTION: Duration = Duration::from_secs(30);
+/// How fast the latency estimate forgets.
+const DECAY: Duration = Duration::from_secs(10);
+/// The estimate of an endpoint not measured yet: optimistic, so new endpoints get traffic.
+const DEFAULT_RTT_NS: f64 = 1_000_000.0;
+
+#[derive(Debug)]
+struct Stats {
+    ewma_ns: f64,
+    updated: Instant,
+    pending: u32,
+    consecutive_failures: u32,
+    ejected_until: Option<Instant>,
+    ejections: u32,
+}
+
+impl Stats {
+    fn new(now: Instant) -> Self {
+        Self {
+            ewma_ns: DEFAULT_RTT_NS,
+            updated: now,
+            pending: 0,
+            consecutive_failures: 0,
+            ejected_until: None,
+            ejections: 0,
+        }
+    }
+
+    /// Cost of sending here now: decayed latency × (in flight + 1).
+    fn cost(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        let decay = (-elapsed / DECAY.as_secs_f64()).exp();
+        // An idle endpoint's estimate decays, so a once-slow endpoint is tried again.
+        (self.ewma_ns * decay).max(1.0) * f64::from(self.pending + 1)
+    }
+
+    fn observe(&mut self, rtt: Duration, now: Instant) {
+        let sample = rtt.as_nanos() as f64;
+        if sample > self.ewma_ns {
+            // Peak: jump up at once, decay down slowly.
+            self.ewma_ns = sample;
+        } else {
+            let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+            let w = (-elapsed / DECAY.as_secs_f64()).exp();
+            self.ewma_ns = self.ewma_ns * w + sample * (1.0 - w);
+        }
+        self.updated = now;
+    }
+
+    fn ejected(&self, now: Instant) -> bool {
+        self.ejected_until.is_some_and(|t| now < t)
+    }
+}
+
+/// Per-endpoint statistics, shared by every request of the proxy.
+#[derive(Debug, Default)]
+pub struct Balancer {
+    stats: Mutex<HashMap<SocketAddr, Stats>>,
+}
+
+/// An endpoint chosen for one attempt; report the outcome with [`Balancer::done`].
+#[derive(Debug)]
+pub struct Pick {
+    /// The endpoint.
+    pub addr: SocketAddr,
+    /// Its index in the candidate list.
+    pub index: usize,
+    started: Instant,
+}
+
+fn addr_of(ep: &pb::Endpoint) -> Option<SocketAddr> {
+    Some(SocketAddr::new(ep.address.parse().ok()?, u16::try_from(ep.port).ok()?))
+}
+
+impl Balancer {
+    /// Picks one of `endpoints` (ready ones; all when none is ready), avoiding
+    /// `avoid` (endpoints already tried for this request) when possible.
+    pub fn pick(&self, endpoints: &[pb::Endpoint], avoid: &[SocketAddr]) -> Option<Pick> {
+        let ready: Vec<(usize, SocketAddr)> = endpoints
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.ready)
+            .filter_map(|(i, e)| Some((i, addr_of(e)?)))
+            .collect();
+        let pool = if ready.is_empty() {
+            endpoints
+                .iter()
+                .enumerate()
+                .filter_map(|(i, e)| Some((i, addr_of(e)?)))
+                .collect()
+        } else {
+            ready
+        };
+        if pool.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh: Vec<(usize, SocketAddr)> = pool.iter().copied().filter(|(_, a)| !avoid.contains(a)).collect();
+        let candidates = if fresh.is_empty() { pool } else { fresh };
+        let healthy: Vec<(usize, SocketAddr)> = candidates
+            .iter()
+            .copied()
+            .filter(|(_, a)| !stats.get(a).is_some_and(|s| s.ejected(now)))
+            .collect();
+        // Everything ejected: better to try than to fail outright.
+        let candidates = if healthy.is_empty() { candidates } else { healthy };
+        let (index, addr) = if candidates.len() == 1 {
+            candidates[0]
+        } else {
+            let a = rand::random_range(0..candidates.len());
+            let mut b = rand::random_range(0..candidates.len() - 1);
+            if b >= a {
+                b += 1;
+            }
+            let cost = |c: (usize, SocketAddr)| stats.get(&c.1).map_or(DEFAULT_RTT_NS, |s| s.cost(now));
+            if cost(candidates[a]) <= cost(candidates[b]) {
+                candidates[a]
+            } else {
+                candidates[b]
+            }
+        };
+        stats.entry(addr).or_insert_with(|| Stats::new(now)).pending += 1;
+        Some(Pick {
+            addr,
+            index,
+            started: now,
+        })
+    }
+
+    /// Records an attempt's outcome: latency and success or failure.
+    pub fn done(&self, pick: Pick, success: bool) {
+        let now = Instant::now();
+        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let s = stats.entry(pick.addr).or_insert_with(|| Stats::new(now));
+        s.pending = s.pending.saturating_sub(1);
+        s.observe(now.saturating_duration_since(pick.started), now);
+        if success {
+            s.consecutive_failures = 0;
+            s.ejections = 0;
+            s.ejected_until = None;
+            return;
+        }
+        s.consecutive_failures += 1;
+        // Once ejected, a single failed probe ejects again.
+        let threshold = if s.ejections > 0 { 1 } else { FAILURES_TO_EJECT };
+        if s.consecutive_failures >= threshold && !s.ejected(now) {
+            let ejection = BASE_EJECTION.saturating_mul(1 << s.ejections.min(5)).min(MAX_EJECTION);
+            s.ejections += 1;
+            s.ejected_until = Some(now + ejection);
+            tracing::info!(endpoint = %pick.addr, ?ejection, "endpoint ejected after consecutive failures");
+        }
+    }
+
+    /// Whether `addr` is ejected now.
+    pub fn is_ejected(&self, addr: SocketAddr) -> bool {
+        let now = Instant::now();
+        self.stats
+            .lock()
+            .map(|s| s.get(&addr).is_some_and(|s| s.ejected(now)))
+            .unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(port: u16) -> pb::Endpoint {
+        pb::Endpoint {
+            address: "10.0.0.1".into(),
+            port: u32::from(port),
+            ready: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn slow_endpoints_lose_traffic_and_failing_ones_are_ejected() {
+        let b = Balancer::default();
+        let eps = vec![ep(1), ep(2), ep(3)];
+        // Endpoint 1 is 10x slower.
+        for _ in 0..300 {
+            let p = b.pick(&eps, &[]).expect("pick");
+            let mut p = p;
+            p.started -= if p.addr.port() == 1 {
+                Duration::from_millis(10)
+            } else {
+                Duration::from_millis(1)
+            };
+            b.done(p, true);
+        }
+        let slow = (0..1000)
+            .filter(|_| {
+                let p = b.pick(&eps, &[]).expect("pick");
+                let slow = p.addr.port() == 1;
+                b.done(p, true);
+                slow
+            })
+            .count();
+        assert!(slow < 100, "slow endpoint still got {slow}/1000");
+
+        for _ in 0..FAILURES_TO_EJECT {
+            let p = Pick {
+                addr: "10.0.0.1:2".parse().expect("addr"),
+                index: 1,
+                started: Instant::now(),
+            };
+            b.done(p, false);
+        }
+        assert!(b.is_ejected("10.0.0.1:2".parse().expect("addr")));
+        assert!((0..200).all(|_| {
+            let p = b.pick(&eps, &[]).expect("pick");
+            let ok = p.addr.port() != 2;
+            b.done(p, true);
+            ok
+        }));
+    }
+
+    #[test]
+    fn retries_avoid_endpoints_already_tried() {
+        let b = Balancer::default();
+        let eps = vec![ep(1), ep(2)];
+        let first: SocketAddr = "10.0.0.1:1".parse().expect("addr");
+        assert!((0..100).all(|_| {
+            let p = b.pick(&eps, &[first]).expect("pick");
+            let ok = p.addr != first;
+            b.done(p, true);
+            ok
+        }));
+    }
+}

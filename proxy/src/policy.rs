@@ -1,0 +1,411 @@
+//! A Service's traffic policy as the proxy applies it: the HTTPRoute rules
+//! the destination service sent, compiled once per update (regexes built,
+//! backends indexed), and matched per request by Gateway API precedence.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Request;
+use regex::Regex;
+use sidemesh_proto::destination::v1::{self as pb, path_match};
+
+use crate::retry::Budget;
+
+/// One compiled path matcher.
+#[derive(Debug)]
+enum PathMatcher {
+    Exact(String),
+    Prefix(String),
+    Regex(Regex),
+}
+
+#[derive(Debug)]
+enum ValueMatcher {
+    Exact(String),
+    Regex(Regex),
+}
+
+impl ValueMatcher {
+    fn new(regex: bool, value: &str) -> Option<Self> {
+        if regex {
+            Regex::new(&format!("^(?:{value})$")).ok().map(Self::Regex)
+        } else {
+            Some(Self::Exact(value.to_owned()))
+        }
+    }
+
+    fn matches(&self, v: &str) -> bool {
+        match self {
+            Self::Exact(e) => e == v,
+            Self::Regex(r) => r.is_match(v),
+        }
+    }
+}
+
+/// One `matches` entry of a rule.
+#[derive(Debug)]
+struct Match {
+    path: PathMatcher,
+    method: Option<http::Method>,
+    headers: Vec<(http::HeaderName, ValueMatcher)>,
+    query: Vec<(String, ValueMatcher)>,
+}
+
+/// How specific a match is, per Gateway API precedence (larger wins).
+type Rank = (u8, usize, bool, usize, usize);
+
+impl Match {
+    fn compile(m: &pb::RouteMatch) -> Option<Self> {
+        let path = match &m.path {
+            None => PathMatcher::Prefix("/".into()),
+            Some(p) => match path_match::Kind::try_from(p.kind).ok()? {
+                path_match::Kind::Exact => PathMatcher::Exact(p.value.clone()),
+                path_match::Kind::Prefix => PathMatcher::Prefix(p.value.trim_end_matches('/').to_owned()),
+                path_match::Kind::Regex => PathMatcher::Regex(Regex::new(&format!("^(?:{})$", p.value)).ok()?),
+            },
+        };
+        let method = if m.method.is_empty() {
+            None
+        } else {
+            Some(http::Method::from_bytes(m.method.as_bytes()).ok()?)
+        };
+        let headers = m
+            .headers
+            .iter()
+            .map(|h| {
+                Some((
+                    http::HeaderName::from_bytes(h.name.as_bytes()).ok()?,
+                    ValueMatcher::new(h.regex, &h.value)?,
+                ))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let query = m
+            .query_params
+            .iter()
+            .map(|q| Some((q.name.clone(), ValueMatcher::new(q.regex, &q.value)?)))
+            .collect::<Option<Vec<_>>>()?;
+        Some(Self {
+            path,
+            method,
+            headers,
+            query,
+        })
+    }
+
+    fn rank(&self) -> Rank {
+        // Gateway API leaves regex precedence to implementations: here it
+        // ranks below Exact and above every PathPrefix, so a catch-all prefix
+        // route cannot shadow regex routes.
+        let (kind, len) = match &self.path {
+            PathMatcher::Exact(p) => (3, p.len()),
+            PathMatcher::Regex(_) => (2, 0),
+            PathMatcher::Prefix(p) => (1, p.len()),
+        };
+        (kind, len, self.method.is_some(), self.headers.len(), self.query.len())
+    }
+
+    fn matches<B>(&self, req: &Request<B>) -> bool {
+        let path = req.uri().path();
+        let path_ok = match &self.path {
+            PathMatcher::Exact(p) => path == p,
+            // Prefix matching is by path element: /foo matches /foo and /foo/bar, not /foobar.
+            PathMatcher::Prefix(p) => {
+                p.is_empty()
+                    || (path.starts_with(p.as_str()) && matches!(path.as_bytes().get(p.len()), None | Some(b'/')))
+            }
+            PathMatcher::Regex(r) => r.is_match(path),
+        };
+        if !path_ok {
+            return false;
+        }
+        if self.method.as_ref().is_some_and(|m| m != req.method()) {
+            return false;
+        }
+        for (name, value) in &self.headers {
+            let found = req
+                .headers()
+                .get_all(name)
+                .iter()
+                .any(|v| v.to_str().is_ok_and(|v| value.matches(v)));
+            if !found {
+                return false;
+            }
+        }
+        if !self.query.is_empty() {
+            let pairs: Vec<(&str, &str)> = req
+                .uri()
+                .query()
+                .unwrap_or("")
+                .split('&')
+                .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+                .collect();
+            for (name, value) in &self.query {
+                // The first occurrence of a parameter counts (Gateway API).
+                match pairs.iter().find(|(k, _)| k == name) {
+                    Some((_, v)) if value.matches(v) => {}
+                    _ => return false,
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Retries a rule asks for.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Total attempts, the first included.
+    pub attempts: u32,
+    /// Status codes that are retried.
+    pub codes: Vec<u16>,
+    /// Base backoff between attempts.
+    pub backoff: Duration,
+}
+
+/// One compiled rule.
+#[derive(Debug)]
+pub struct Rule {
+    /// `namespace/name` of the HTTPRoute.
+    pub name: String,
+    /// Rule index.
+    pub index: u32,
+    matches: Vec<Match>,
+    /// Weighted backends (keys into [`ServicePolicy::backends`]).
+    pub backends: Vec<(String, u32)>,
+    /// Whole-request timeout, retries included.
+    pub request_timeout: Option<Duration>,
+    /// Per-attempt timeout.
+    pub backend_timeout: Option<Duration>,
+    /// Retry policy.
+    pub retry: Option<RetryPolicy>,
+}
+
+fn duration(d: &Option<prost_types::Duration>) -> Option<Duration> {
+    let d = d.as_ref()?;
+    let secs = u64::try_from(d.seconds).ok()?;
+    let nanos = u32::try_from(d.nanos).ok()?;
+    let d = Duration::new(secs, nanos);
+    (!d.is_zero()).then_some(d)
+}
+
+/// A Service with its compiled routes.
+#[derive(Debug)]
+pub struct ServicePolicy {
+    /// As received.
+    pub service: pb::Service,
+    /// Compiled rules, in the destination service's tie-break order.
+    pub rules: Vec<Rule>,
+    /// Endpoints by backend key, the Service's own under [`ServicePolicy::default_key`].
+    pub backends: HashMap<String, Vec<pb::Endpoint>>,
+    /// The key of the Service's own endpoints.
+    pub default_key: String,
+    /// Retry budget of the Service (shared across updates).
+    pub budget: Arc<Budget>,
+}
+
+impl ServicePolicy {
+    /// Compiles `service`; rules that do not compile are dropped with a log line.
+    pub fn compile(service: pb::Service, budget: Arc<Budget>) -> Self {
+        let default_key = service
+            .default_backend
+            .as_ref()
+            .map(|b| b.key.clone())
+            .unwrap_or_else(|| format!("{}/{}:{}", service.namespace, service.name, service.port));
+        let mut backends: HashMap<String, Vec<pb::Endpoint>> = HashMap::new();
+        if let Some(b) = &service.default_backend {
+            backends.insert(default_key.clone(), b.endpoints.clone());
+        }
+        for b in &service.backends {
+            backends.insert(b.key.clone(), b.endpoints.clone());
+        }
+        let mut rules = Vec::with_capacity(service.routes.len());
+        for r in &service.routes {
+            let matches = if r.matches.is_empty() {
+                Some(vec![Match {
+                    path: PathMatcher::Prefix(String::new()),
+                    method: None,
+                    headers: Vec::new(),
+                    query: Vec::new(),
+                }])
+            } else {
+                r.matches.iter().map(Match::compile).collect::<Option<Vec<_>>>()
+            };
+            let Some(matches) = matches else {
+                tracing::warn!(route = %r.name, rule = r.rule, "route rule does not compile; ignored");
+                continue;
+            };
+            rules.push(Rule {
+                name: r.name.clone(),
+                index: r.rule,
+                matches,
+                backends: r.backends.iter().map(|b| (b.key.clone(), b.weight)).collect(),
+                request_timeout: duration(&r.request_timeout),
+                backend_timeout: duration(&r.backend_request_timeout),
+                retry: r.retry.as_ref().filter(|r| r.attempts > 1).map(|r| RetryPolicy {
+                    attempts: r.attempts.min(10),
+                    codes: r.codes.iter().filter_map(|c| u16::try_from(*c).ok()).collect(),
+                    backoff: duration(&r.backoff).unwrap_or(Duration::from_millis(25)),
+                }),
+            });
+        }
+        Self {
+            service,
+            rules,
+            backends,
+            default_key,
+            budget,
+        }
+    }
+
+    /// The rule for `req`: the most specific match across all rules, ties to
+    /// the earlier rule; `None` when no rule matches (the Service itself).
+    pub fn select<B>(&self, req: &Request<B>) -> Option<&Rule> {
+        let mut best: Option<(Rank, &Rule)> = None;
+        for rule in &self.rules {
+            for m in &rule.matches {
+                if m.matches(req) {
+                    let rank = m.rank();
+                    if best.as_ref().is_none_or(|(b, _)| rank > *b) {
+                        best = Some((rank, rule));
+                    }
+                }
+            }
+        }
+        best.map(|(_, r)| r)
+    }
+
+    /// Endpoints of a backend (empty for an unknown one).
+    pub fn endpoints(&self, key: &str) -> &[pb::Endpoint] {
+        self.backends.get(key).map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
+/// Weighted choice of a backend (per request for HTTP, per connection for TCP).
+pub fn split<'a>(backends: &'a [(String, u32)]) -> Option<&'a str> {
+    let total: u64 = backends.iter().map(|(_, w)| u64::from(*w)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut pick = rand::random_range(0..total);
+    for (key, w) in backends {
+        let w = u64::from(*w);
+        if pick < w {
+            return Some(key);
+        }
+        pick -= w;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(name: &str, rule: u32, path: (i32, &str), method: &str, headers: usize) -> pb::Route {
+        pb::Route {
+            name: name.into(),
+            rule,
+            matches: vec![pb::RouteMatch {
+                path: Some(pb::PathMatch {
+                    kind: path.0,
+                    value: path.1.into(),
+                }),
+                headers: (0..headers)
+                    .map(|i| pb::HeaderMatch {
+                        regex: false,
+                        name: format!("x-h{i}"),
+                        value: "1".into(),
+                    })
+                    .collect(),
+                query_params: vec![],
+                method: method.into(),
+            }],
+            backends: vec![pb::WeightedBackend {
+                key: format!("ns/{name}:80"),
+                weight: 1,
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn policy(routes: Vec<pb::Route>) -> ServicePolicy {
+        ServicePolicy::compile(
+            pb::Service {
+                name: "svc".into(),
+                namespace: "ns".into(),
+                port: 80,
+                routes,
+                ..Default::default()
+            },
+            Arc::new(Budget::new(0.2, 10, Duration::from_secs(10))),
+        )
+    }
+
+    fn req(method: &str, uri: &str, headers: &[&str]) -> Request<()> {
+        let mut b = Request::builder().method(method).uri(uri);
+        for h in headers {
+            b = b.header(*h, "1");
+        }
+        b.body(()).expect("request")
+    }
+
+    #[test]
+    fn gateway_api_precedence() {
+        let (exact, prefix, regex) = (
+            path_match::Kind::Exact as i32,
+            path_match::Kind::Prefix as i32,
+            path_match::Kind::Regex as i32,
+        );
+        let p = policy(vec![
+            route("a", 0, (prefix, "/"), "", 0),
+            route("b", 0, (prefix, "/api"), "", 0),
+            route("c", 0, (exact, "/api/v1"), "", 0),
+            route("d", 0, (prefix, "/api"), "POST", 0),
+            route("e", 0, (prefix, "/api"), "", 2),
+            route("f", 0, (regex, "/r/[0-9]+"), "", 0),
+        ]);
+        let name = |r: Request<()>| p.select(&r).map(|r| r.name.clone());
+        assert_eq!(name(req("GET", "/other", &[])).as_deref(), Some("a"));
+        assert_eq!(name(req("GET", "/api/x", &[])).as_deref(), Some("b"));
+        assert_eq!(
+            name(req("GET", "/apix", &[])).as_deref(),
+            Some("a"),
+            "prefix is per path element"
+        );
+        assert_eq!(
+            name(req("GET", "/api/v1", &[])).as_deref(),
+            Some("c"),
+            "exact beats prefix"
+        );
+        assert_eq!(
+            name(req("POST", "/api/x", &[])).as_deref(),
+            Some("d"),
+            "method beats no method"
+        );
+        assert_eq!(
+            name(req("GET", "/api/x", &["x-h0", "x-h1"])).as_deref(),
+            Some("e"),
+            "more headers win"
+        );
+        assert_eq!(name(req("GET", "/r/42", &[])).as_deref(), Some("f"));
+        assert_eq!(name(req("GET", "/r/x", &[])).as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn no_route_means_the_service_itself() {
+        let p = policy(vec![]);
+        assert!(p.select(&req("GET", "/", &[])).is_none());
+    }
+
+    #[test]
+    fn split_follows_weights() {
+        let backends = vec![("a".to_owned(), 90), ("b".to_owned(), 10), ("z".to_owned(), 0)];
+        let n = 20_000;
+        let a = (0..n).filter(|_| split(&backends) == Some("a")).count();
+        let share = a as f64 / n as f64;
+        assert!((share - 0.9).abs() < 0.015, "{share}");
+        assert!((0..1000).all(|_| split(&backends) != Some("z")));
+        assert_eq!(split(&[("a".to_owned(), 0)]), None);
+    }
+}
