@@ -4,7 +4,10 @@
 //!
 //! `sidemesh-test-app http <addr> <name>` — answers every request with
 //! `name=<name> version=<v> path=<p> client-id=<sidemesh-client-id or ->`;
-//! `?status=N` sets the status, `?sleep_ms=N` delays the answer.
+//! `?status=N` sets the status, `?sleep_ms=N` delays the answer; with
+//! `SIDEMESH_TEST_FAIL_PCT=P` in the environment, P% of requests get 503.
+//! `GET /__count` answers the number of other requests served (for tests
+//! that count what reached a backend).
 //! `sidemesh-test-app echo <addr>` — echoes bytes until the client half-closes.
 //! `sidemesh-test-app banner <addr> <text>` — writes `<text>\n` on accept, then echoes.
 //! `sidemesh-test-app rtt <addr> <count>` — a client: `count` round trips of a
@@ -30,22 +33,58 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 
+static SERVED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn fail_pct() -> u64 {
+    std::env::var("SIDEMESH_TEST_FAIL_PCT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 async fn answer(name: String, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    use std::sync::atomic::Ordering;
+    if req.uri().path() == "/__count" {
+        return Ok(Response::new(Full::new(Bytes::from(format!(
+            "{}\n",
+            SERVED.load(Ordering::Relaxed)
+        )))));
+    }
+    let n = SERVED.fetch_add(1, Ordering::Relaxed);
     if let Some(ms) = query(&req, "sleep_ms") {
         tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
     }
+    let pct = fail_pct();
+    // Deterministic spread: every request whose number falls in the first P of each 100 fails.
+    let injected = pct > 0 && (n * 37) % 100 < pct;
     let status = query(&req, "status")
         .and_then(|s| u16::try_from(s).ok())
         .and_then(|s| StatusCode::from_u16(s).ok())
-        .unwrap_or(StatusCode::OK);
+        .unwrap_or(if injected {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::OK
+        });
     let client = req
         .headers()
         .get("sidemesh-client-id")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-")
         .to_owned();
+    let attempt = req
+        .headers()
+        .get("x-sidemesh-retry-attempt")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("0")
+        .to_owned();
+    let trace = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned();
     let body = format!(
-        "name={name} version={:?} path={} client-id={client}\n",
+        "name={name} version={:?} path={} client-id={client} attempt={attempt} traceparent={trace}\n",
         req.version(),
         req.uri().path()
     );
