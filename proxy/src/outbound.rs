@@ -284,8 +284,12 @@ async fn call_service(
             // Gateway API: a rule whose backends all weigh 0 answers 500.
             None => return h::respond(StatusCode::INTERNAL_SERVER_ERROR, "sidemesh: no backend has weight\n"),
         },
-        None => policy.default_key.as_str(),
+        None if policy.rules.is_empty() => policy.default_key.as_str(),
+        None => return h::respond(StatusCode::NOT_FOUND, "sidemesh: no route matches\n"),
     };
+    if policy.unresolved.contains(key) {
+        return h::respond(StatusCode::INTERNAL_SERVER_ERROR, "sidemesh: the route's backend does not resolve\n");
+    }
     let endpoints = policy.endpoints(key);
     if endpoints.is_empty() {
         return h::respond(

@@ -200,6 +200,8 @@ pub struct ServicePolicy {
     pub backends: HashMap<String, Vec<pb::Endpoint>>,
     /// The key of the Service's own endpoints.
     pub default_key: String,
+    /// Backends whose reference does not resolve (answered 500, per Gateway API).
+    pub unresolved: std::collections::HashSet<String>,
     /// Retry budget of the Service (shared across updates).
     pub budget: Arc<Budget>,
 }
@@ -216,8 +218,12 @@ impl ServicePolicy {
         if let Some(b) = &service.default_backend {
             backends.insert(default_key.clone(), b.endpoints.clone());
         }
+        let mut unresolved = std::collections::HashSet::new();
         for b in &service.backends {
             backends.insert(b.key.clone(), b.endpoints.clone());
+            if b.unresolved {
+                unresolved.insert(b.key.clone());
+            }
         }
         let mut rules = Vec::with_capacity(service.routes.len());
         for r in &service.routes {
@@ -254,12 +260,14 @@ impl ServicePolicy {
             rules,
             backends,
             default_key,
+            unresolved,
             budget,
         }
     }
 
     /// The rule for `req`: the most specific match across all rules, ties to
-    /// the earlier rule; `None` when no rule matches (the Service itself).
+    /// the earlier rule; `None` when no rule matches (with no rules at all:
+    /// the Service itself; with rules: 404, as GAMMA says).
     pub fn select<B>(&self, req: &Request<B>) -> Option<&Rule> {
         let mut best: Option<(Rank, &Rule)> = None;
         for rule in &self.rules {
