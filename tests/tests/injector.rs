@@ -1278,7 +1278,7 @@ data:
 ---
 "#;
 
-fn template<'a>(doc: &'a Value) -> &'a Value {
+fn template(doc: &Value) -> &Value {
     let path = match doc["kind"].as_str().unwrap_or_default() {
         "Pod" => "",
         "CronJob" => "/spec/jobTemplate/spec/template",
