@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 pub mod ca;
+pub mod cli;
 pub mod csr;
 pub mod issuer;
 pub mod metrics;
