@@ -7,16 +7,20 @@
 //! subscriber, and a slow subscriber only ever sees the latest state (memory
 //! per stream stays bounded whatever the change rate).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use tokio::sync::{mpsc, watch};
 
-use crate::index::{Index, Resolution};
+use crate::index::{Consumers, Index, Resolution};
 use crate::metrics::DestinationMetrics;
 use crate::objects::{Key, Kind, Object, Record};
+use crate::route::RouteStatus;
+
+/// The status every route should carry, by route.
+pub type RouteStatuses = Arc<BTreeMap<Key, RouteStatus>>;
 
 /// How many queued changes are applied in one pass at most.
 const BATCH: usize = 4096;
@@ -41,11 +45,29 @@ pub enum Change {
 /// The state of one subscribed address.
 #[derive(Debug, PartialEq)]
 pub struct Resolved {
-    /// What it resolves to.
+    /// What it resolves to (with the producer routes of a Service).
     pub result: Resolution,
+    /// Consumer routes by client namespace, replacing the producer routes
+    /// for clients in that namespace.
+    pub consumers: Consumers,
     /// When the source change that produced this state was seen (`None` for
     /// the state computed when the address was first subscribed).
     pub changed_at: Option<Instant>,
+}
+
+impl Resolved {
+    /// The answer for a client in namespace `client_ns` (`None`: unknown
+    /// namespace, producer routes).
+    pub fn view(&self, client_ns: Option<&str>) -> Resolution {
+        match (&self.result, client_ns.and_then(|ns| self.consumers.get(ns))) {
+            (Resolution::Service(svc), Some(set)) => Resolution::Service(sidemesh_proto::destination::v1::Service {
+                routes: set.routes.clone(),
+                backends: set.backends.clone(),
+                ..svc.clone()
+            }),
+            (result, _) => result.clone(),
+        }
+    }
 }
 
 struct State {
@@ -57,6 +79,7 @@ struct Shared {
     state: Mutex<State>,
     trust_domain: String,
     synced: watch::Sender<bool>,
+    statuses: watch::Sender<RouteStatuses>,
 }
 
 /// Handle on the index, for the gRPC service.
@@ -79,6 +102,7 @@ pub struct Feed {
     tx: mpsc::Sender<(Change, Instant)>,
     metrics: DestinationMetrics,
     source: &'static str,
+    statuses: watch::Receiver<RouteStatuses>,
 }
 
 impl Feed {
@@ -109,6 +133,12 @@ impl Feed {
     pub fn metrics(&self) -> &DestinationMetrics {
         &self.metrics
     }
+
+    /// The status each HTTPRoute should carry, updated after every change
+    /// that can alter one (for a source that writes statuses back).
+    pub fn route_statuses(&self) -> watch::Receiver<RouteStatuses> {
+        self.statuses.clone()
+    }
 }
 
 fn lock(shared: &Shared) -> MutexGuard<'_, State> {
@@ -128,10 +158,20 @@ impl Indexer {
             }),
             trust_domain: trust_domain.to_owned(),
             synced: watch::channel(false).0,
+            statuses: watch::channel(RouteStatuses::default()).0,
         });
         metrics.synced(source, false);
+        let statuses = shared.statuses.subscribe();
         tokio::spawn(run(shared.clone(), rx, metrics.clone(), source));
-        (Self { shared }, Feed { tx, metrics, source })
+        (
+            Self { shared },
+            Feed {
+                tx,
+                metrics,
+                source,
+                statuses,
+            },
+        )
     }
 
     /// Follows `target`; the receiver holds its current state at once.
@@ -140,9 +180,10 @@ impl Indexer {
         if let Some(tx) = state.subscriptions.get(&target) {
             return tx.subscribe();
         }
-        let result = state.index.resolve(target, &self.shared.trust_domain);
+        let (result, consumers) = state.index.resolve_with_consumers(target, &self.shared.trust_domain);
         let (tx, rx) = watch::channel(Arc::new(Resolved {
             result,
+            consumers,
             changed_at: None,
         }));
         state.subscriptions.insert(target, tx);
@@ -185,6 +226,7 @@ async fn run(
     source: &'static str,
 ) {
     let mut batch = Vec::with_capacity(64);
+    let mut reports = Reports::default();
     loop {
         batch.clear();
         if rx.recv_many(&mut batch, BATCH).await == 0 {
@@ -193,13 +235,25 @@ async fn run(
         let first_seen = batch.iter().map(|(_, at)| *at).min();
         let changes = batch.len() as u64;
         let mut synced = false;
+        // Route statuses depend on routes and on which Services exist.
+        let mut touched: BTreeSet<Kind> = BTreeSet::new();
         let mut state = lock(&shared);
         for (change, _) in batch.drain(..) {
             match change {
-                Change::Upsert(r) => state.index.upsert(r),
-                Change::Delete(kind, key) => state.index.remove(kind, &key),
-                Change::ReplaceKind(kind, records) => state.index.replace_kind(kind, records),
+                Change::Upsert(r) => {
+                    touched.insert(r.kind());
+                    state.index.upsert(r);
+                }
+                Change::Delete(kind, key) => {
+                    touched.insert(kind);
+                    state.index.remove(kind, &key);
+                }
+                Change::ReplaceKind(kind, records) => {
+                    touched.insert(kind);
+                    state.index.replace_kind(kind, records);
+                }
                 Change::ReplaceAll(mut records) => {
+                    touched.extend(Kind::ALL);
                     for kind in Kind::ALL {
                         let (this, rest): (Vec<_>, Vec<_>) = records.into_iter().partition(|r| r.kind() == kind);
                         state.index.replace_kind(kind, this);
@@ -216,13 +270,14 @@ async fn run(
             if tx.receiver_count() == 0 {
                 return false;
             }
-            let result = index.resolve(*target, &shared.trust_domain);
+            let (result, consumers) = index.resolve_with_consumers(*target, &shared.trust_domain);
             tx.send_if_modified(|current| {
-                if current.result == result {
+                if current.result == result && current.consumers == consumers {
                     return false;
                 }
                 *current = Arc::new(Resolved {
                     result,
+                    consumers,
                     changed_at: first_seen,
                 });
                 true
@@ -232,12 +287,67 @@ async fn run(
         for kind in Kind::ALL {
             metrics.objects(kind, index.len(kind));
         }
+        let statuses = (touched.contains(&Kind::HttpRoute) || touched.contains(&Kind::Service))
+            .then(|| Arc::new(index.route_statuses()));
+        let annotations = touched.contains(&Kind::Service).then(|| index.invalid_annotations());
         drop(state);
+        if let Some(statuses) = statuses {
+            reports.routes(&statuses, &metrics);
+            shared.statuses.send_replace(statuses);
+        }
+        if let Some(annotations) = annotations {
+            reports.annotations(&annotations, &metrics);
+        }
         metrics.source_updates(changes);
         if synced && !*shared.synced.borrow() {
             tracing::info!(source, "source synced");
             metrics.synced(source, true);
             shared.synced.send_replace(true);
+        }
+    }
+}
+
+/// What was last reported about invalid configuration, so that logs and
+/// gauges change only when it does.
+#[derive(Default)]
+struct Reports {
+    problems: BTreeMap<Key, Vec<(&'static str, String)>>,
+    reasons: BTreeSet<&'static str>,
+    annotations: BTreeSet<&'static str>,
+}
+
+impl Reports {
+    fn routes(&mut self, statuses: &BTreeMap<Key, RouteStatus>, metrics: &DestinationMetrics) {
+        let mut counts: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for (key, status) in statuses {
+            for (reason, _) in &status.problems {
+                *counts.entry(reason).or_default() += 1;
+            }
+            let before = self.problems.get(key).map(Vec::as_slice).unwrap_or_default();
+            if before != status.problems.as_slice() {
+                if status.problems.is_empty() {
+                    tracing::info!(route = %key, "HTTPRoute problems resolved");
+                } else {
+                    let problems: Vec<String> = status.problems.iter().map(|(r, m)| format!("{r}: {m}")).collect();
+                    tracing::warn!(route = %key, ?problems, "HTTPRoute has problems: invalid rules are dropped, unresolved backends answer 500");
+                }
+            }
+        }
+        self.problems = statuses
+            .iter()
+            .filter(|(_, s)| !s.problems.is_empty())
+            .map(|(k, s)| (k.clone(), s.problems.clone()))
+            .collect();
+        self.reasons.extend(counts.keys());
+        for reason in &self.reasons {
+            metrics.route_problems(reason, counts.get(reason).copied().unwrap_or(0));
+        }
+    }
+
+    fn annotations(&mut self, counts: &BTreeMap<&'static str, usize>, metrics: &DestinationMetrics) {
+        self.annotations.extend(counts.keys());
+        for a in &self.annotations {
+            metrics.invalid_annotations(a, counts.get(a).copied().unwrap_or(0) as u64);
         }
     }
 }

@@ -1,9 +1,11 @@
-//! The sidemesh destination service, discovery part: it indexes Services,
-//! EndpointSlices and Pods (from the Kubernetes API or a YAML file) and
-//! streams to each proxy, over mutual TLS, the full state of every original
-//! destination (`ip:port`) the proxy subscribes to, again on every change.
+//! The sidemesh destination service: it indexes Services, EndpointSlices,
+//! Pods and Gateway API HTTPRoutes (from the Kubernetes API or a YAML file)
+//! and streams to each proxy, over mutual TLS, the full state of every
+//! original destination (`ip:port`) the proxy subscribes to — endpoints,
+//! identities and routes — again on every change.
 //!
 //! - [`objects`]: the Kubernetes objects read and the small records kept of them;
+//! - [`route`]: HTTPRoute, its validation and its status;
 //! - [`index`]: records and reverse maps; resolving `ip:port`;
 //! - [`indexer`]: the running index, batching source changes and publishing
 //!   per-address states;
@@ -18,6 +20,7 @@ pub mod index;
 pub mod indexer;
 pub mod metrics;
 pub mod objects;
+pub mod route;
 pub mod server;
 pub mod service;
 pub mod source;

@@ -19,6 +19,8 @@ pub struct DestinationMetrics {
     source_errors: Counter<u64>,
     source_updates: Counter<u64>,
     objects: Gauge<u64>,
+    route_problems: Gauge<u64>,
+    invalid_annotations: Gauge<u64>,
 }
 
 impl DestinationMetrics {
@@ -70,6 +72,18 @@ impl DestinationMetrics {
                 .with_description("Objects in the index, by kind")
                 .with_unit("{object}")
                 .build(),
+            route_problems: meter
+                .u64_gauge("sidemesh.destination.route.problems")
+                .with_description(
+                    "HTTPRoute problems now: rules dropped as invalid, backendRefs that do not resolve, parents not found, filters ignored; by reason",
+                )
+                .with_unit("{problem}")
+                .build(),
+            invalid_annotations: meter
+                .u64_gauge("sidemesh.destination.annotations.invalid")
+                .with_description("Services whose annotation value is ignored as invalid, by annotation")
+                .with_unit("{service}")
+                .build(),
         }
     }
 
@@ -118,5 +132,16 @@ impl DestinationMetrics {
     /// The index holds `n` objects of `kind`.
     pub fn objects(&self, kind: Kind, n: usize) {
         self.objects.record(n as u64, &[KeyValue::new("kind", kind.as_str())]);
+    }
+
+    /// `n` route problems of `reason` now.
+    pub fn route_problems(&self, reason: &'static str, n: u64) {
+        self.route_problems.record(n, &[KeyValue::new("reason", reason)]);
+    }
+
+    /// `n` Services carry an invalid `annotation` now.
+    pub fn invalid_annotations(&self, annotation: &'static str, n: u64) {
+        self.invalid_annotations
+            .record(n, &[KeyValue::new("annotation", annotation)]);
     }
 }

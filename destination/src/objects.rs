@@ -1,7 +1,8 @@
 //! The Kubernetes objects the destination service reads, and the small
 //! records it keeps of them. Both sources (the API server's watches and the
-//! YAML file) hand typed `k8s-openapi` objects to [`Record::from_object`], so
-//! there is one interpretation of a Service, an EndpointSlice or a Pod.
+//! YAML file) hand typed objects (`k8s-openapi`, and [`crate::route`] for
+//! HTTPRoute) to [`Record::from_object`], so there is one interpretation of a
+//! Service, an EndpointSlice, a Pod or an HTTPRoute.
 //!
 //! Only what discovery needs is kept: a Pod object is several kilobytes, its
 //! record a few dozen bytes, and a cluster-wide Pod watch holds every Pod.
@@ -11,6 +12,8 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::route::{HttpRoute, RouteRecord};
 
 /// Pod annotation the injector sets on every Pod it gave a proxy.
 pub const INJECTED_ANNOTATION: &str = "sidemesh.io/injected";
@@ -30,11 +33,13 @@ pub enum Kind {
     EndpointSlice,
     /// `v1/Pod`.
     Pod,
+    /// `gateway.networking.k8s.io/v1/HTTPRoute`.
+    HttpRoute,
 }
 
 impl Kind {
     /// All indexed kinds.
-    pub const ALL: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Pod];
+    pub const ALL: [Kind; 4] = [Kind::Service, Kind::EndpointSlice, Kind::Pod, Kind::HttpRoute];
 
     /// The name used in logs and metric labels.
     pub fn as_str(self) -> &'static str {
@@ -42,6 +47,7 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Pod => "Pod",
+            Kind::HttpRoute => "HTTPRoute",
         }
     }
 }
@@ -86,6 +92,8 @@ pub enum Object {
     EndpointSlice(Box<EndpointSlice>),
     /// A Pod.
     Pod(Box<Pod>),
+    /// An HTTPRoute.
+    HttpRoute(Box<HttpRoute>),
 }
 
 impl From<Service> for Object {
@@ -103,6 +111,12 @@ impl From<EndpointSlice> for Object {
 impl From<Pod> for Object {
     fn from(o: Pod) -> Self {
         Object::Pod(Box::new(o))
+    }
+}
+
+impl From<HttpRoute> for Object {
+    fn from(o: HttpRoute) -> Self {
+        Object::HttpRoute(Box::new(o))
     }
 }
 
@@ -167,6 +181,8 @@ pub struct ServiceRecord {
     pub opaque_ports: PortSet,
     /// Retry budget ratio override.
     pub budget_ratio: Option<f64>,
+    /// Annotations whose value is ignored as invalid (for the metric).
+    pub invalid_annotations: Vec<&'static str>,
 }
 
 /// An EndpointSlice port.
@@ -234,6 +250,8 @@ pub enum Record {
     Slice(SliceRecord),
     /// A Pod.
     Pod(PodRecord),
+    /// An HTTPRoute.
+    Route(RouteRecord),
 }
 
 /// Why an object cannot be indexed.
@@ -272,6 +290,7 @@ impl Record {
             Record::Service(_) => Kind::Service,
             Record::Slice(_) => Kind::EndpointSlice,
             Record::Pod(_) => Kind::Pod,
+            Record::Route(_) => Kind::HttpRoute,
         }
     }
 
@@ -281,6 +300,7 @@ impl Record {
             Record::Service(r) => &r.key,
             Record::Slice(r) => &r.key,
             Record::Pod(r) => &r.key,
+            Record::Route(r) => &r.key,
         }
     }
 
@@ -292,6 +312,9 @@ impl Record {
             Object::Service(s) => service_record(s).map(Record::Service),
             Object::EndpointSlice(s) => slice_record(s).map(Record::Slice),
             Object::Pod(p) => pod_record(p).map(Record::Pod),
+            Object::HttpRoute(r) => {
+                key_of(&r.metadata, Kind::HttpRoute).map(|key| Record::Route(crate::route::record(r, key)))
+            }
         }
     }
 
@@ -301,6 +324,7 @@ impl Record {
             Object::Service(s) => key_of(&s.metadata, Kind::Service).map(|k| (Kind::Service, k)),
             Object::EndpointSlice(s) => key_of(&s.metadata, Kind::EndpointSlice).map(|k| (Kind::EndpointSlice, k)),
             Object::Pod(p) => key_of(&p.metadata, Kind::Pod).map(|k| (Kind::Pod, k)),
+            Object::HttpRoute(r) => key_of(&r.metadata, Kind::HttpRoute).map(|k| (Kind::HttpRoute, k)),
         }
     }
 }
@@ -327,10 +351,12 @@ fn service_record(svc: &Service) -> Result<ServiceRecord, RecordError> {
         })
         .collect();
     let annotations = svc.metadata.annotations.as_ref();
+    let mut invalid_annotations = Vec::new();
     let opaque_ports = match annotations.and_then(|a| a.get(OPAQUE_PORTS_ANNOTATION)) {
         Some(v) => {
             let (set, bad) = PortSet::parse(v, |name| ports.iter().find(|p| p.name == name).map(|p| p.port));
             if !bad.is_empty() {
+                invalid_annotations.push(OPAQUE_PORTS_ANNOTATION);
                 tracing::warn!(service = %key, annotation = OPAQUE_PORTS_ANNOTATION, ?bad, "ignoring entries that are neither ports, ranges nor port names");
             }
             set
@@ -339,10 +365,11 @@ fn service_record(svc: &Service) -> Result<ServiceRecord, RecordError> {
     };
     let budget_ratio = annotations
         .and_then(|a| a.get(BUDGET_RATIO_ANNOTATION))
-        .and_then(|v| match v.trim().parse::<f64>() {
-            Ok(r) if r.is_finite() && (0.0..=100.0).contains(&r) => Some(r),
-            _ => {
-                tracing::warn!(service = %key, annotation = BUDGET_RATIO_ANNOTATION, value = %v.chars().take(64).collect::<String>(), "not a ratio between 0 and 100; using the default");
+        .and_then(|v| match parse_ratio(v) {
+            Some(r) => Some(r),
+            None => {
+                invalid_annotations.push(BUDGET_RATIO_ANNOTATION);
+                tracing::warn!(service = %key, annotation = BUDGET_RATIO_ANNOTATION, value = %v.chars().take(64).collect::<String>(), "not a number >= 0; using the default ratio");
                 None
             }
         });
@@ -352,7 +379,14 @@ fn service_record(svc: &Service) -> Result<ServiceRecord, RecordError> {
         ports,
         opaque_ports,
         budget_ratio,
+        invalid_annotations,
     })
+}
+
+/// A retry budget ratio: a finite number >= 0 (`0.5` allows retries of up to
+/// half the requests; `0` leaves only the per-second floor).
+fn parse_ratio(v: &str) -> Option<f64> {
+    v.trim().parse::<f64>().ok().filter(|r| r.is_finite() && *r >= 0.0)
 }
 
 fn slice_record(slice: &EndpointSlice) -> Result<SliceRecord, RecordError> {
@@ -498,5 +532,15 @@ mod tests {
         assert!(set.contains(25) && set.contains(4001) && set.contains(3306));
         assert!(!set.contains(26) && !set.contains(4003));
         assert_eq!(bad, vec!["0", "70000", "9-1", "x-y", "redis"]);
+    }
+
+    #[test]
+    fn budget_ratios() {
+        assert_eq!(parse_ratio(" 0.5 "), Some(0.5));
+        assert_eq!(parse_ratio("0"), Some(0.0));
+        assert_eq!(parse_ratio("3"), Some(3.0));
+        for bad in ["-0.1", "NaN", "inf", "half", ""] {
+            assert_eq!(parse_ratio(bad), None, "{bad}");
+        }
     }
 }

@@ -165,6 +165,7 @@ impl Discovery {
         mut inbound: Streaming<DiscoveryRequest>,
         tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
         peer: String,
+        peer_ns: Option<String>,
     ) {
         self.metrics.stream(1);
         let mut subs = Subscriptions {
@@ -206,9 +207,11 @@ impl Discovery {
                         state.changed_at.map(|at| at.elapsed().as_secs_f64())
                     };
                     let label = result_label(&state.result);
+                    // Consumer routes are chosen per client namespace here, so
+                    // that the per-address state stays shared by all streams.
                     let rsp = DiscoveryResponse {
                         target: target.to_string(),
-                        result: Some(state.result.clone()),
+                        result: Some(state.view(peer_ns.as_deref())),
                     };
                     tokio::select! {
                         sent = tx.send(Ok(rsp)) => if sent.is_err() { break None },
@@ -228,7 +231,7 @@ impl Discovery {
 }
 
 /// The SPIFFE ID of the client, from the certificate it presented.
-fn peer_id<T>(request: &Request<T>) -> String {
+fn peer_id<T>(request: &Request<T>) -> Option<sidemesh_identity_client::SpiffeId> {
     request
         .peer_certs()
         .and_then(|certs| {
@@ -237,8 +240,6 @@ fn peer_id<T>(request: &Request<T>) -> String {
                 .map(|leaf| sidemesh_identity_client::verify::peer_id(leaf))
         })
         .and_then(Result::ok)
-        .map(|id| id.to_string())
-        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 #[tonic::async_trait]
@@ -249,10 +250,12 @@ impl Destination for Discovery {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::DiscoverStream>, Status> {
-        let peer = peer_id(&request);
+        let id = peer_id(&request);
+        let peer = id.as_ref().map_or_else(|| "unknown".to_owned(), ToString::to_string);
+        let peer_ns = id.map(|id| id.namespace().to_owned());
         tracing::debug!(%peer, "discovery stream opened");
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
-        tokio::spawn(self.clone().run(request.into_inner(), tx, peer));
+        tokio::spawn(self.clone().run(request.into_inner(), tx, peer, peer_ns));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

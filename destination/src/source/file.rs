@@ -12,10 +12,11 @@ use serde_json::Value;
 
 use crate::indexer::{Change, Feed};
 use crate::objects::Object;
+use crate::route::HttpRoute;
 use crate::source::SourceError;
 
-/// Objects parsed from a file, and the kinds it held but sidemesh does not
-/// index yet (HTTPRoutes until routing lands, Deployments…).
+/// Objects parsed from a file, and the kinds it held that sidemesh does not
+/// index (Deployments, ConfigMaps…).
 #[derive(Debug, Default)]
 pub struct Parsed {
     /// Indexed objects.
@@ -79,7 +80,11 @@ fn add(doc: Value, parsed: &mut Parsed) -> Result<(), String> {
         ("v1", "Service") => parsed.objects.push(typed::<Service>(doc)?.into()),
         ("v1", "Pod") => parsed.objects.push(typed::<Pod>(doc)?.into()),
         ("discovery.k8s.io/v1", "EndpointSlice") => parsed.objects.push(typed::<EndpointSlice>(doc)?.into()),
-        (_, "List") | (_, "ServiceList") | (_, "PodList") | (_, "EndpointSliceList") => {
+        // v1beta1 is the same schema, still served next to v1.
+        ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
+            parsed.objects.push(typed::<HttpRoute>(doc)?.into())
+        }
+        (_, "List") | (_, "ServiceList") | (_, "PodList") | (_, "EndpointSliceList") | (_, "HTTPRouteList") => {
             let Some(Value::Array(items)) = doc.get("items").cloned() else {
                 return Err(format!("{kind} without items"));
             };
@@ -174,10 +179,14 @@ apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: { name: r }
 ---
+apiVersion: apps/v1
+kind: Deployment
+metadata: { name: d }
+---
 "#;
         let parsed = parse(text).unwrap();
-        assert_eq!(parsed.objects.len(), 2);
-        assert_eq!(parsed.ignored, vec!["gateway.networking.k8s.io/v1/HTTPRoute"]);
+        assert_eq!(parsed.objects.len(), 3);
+        assert_eq!(parsed.ignored, vec!["apps/v1/Deployment"]);
     }
 
     #[test]
@@ -188,6 +197,10 @@ metadata: { name: r }
             (
                 "apiVersion: v1\nkind: Service\nmetadata: { name: a }\nspec: { ports: [{ port: http }] }\n",
                 "document 1: Service ?/a",
+            ),
+            (
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: { name: r }\nspec: { rules: oops }\n",
+                "document 1: HTTPRoute ?/r",
             ),
         ] {
             let e = parse(text.as_bytes()).unwrap_err();
