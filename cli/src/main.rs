@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod check;
+mod component;
+mod demo;
 mod files;
 mod inject;
 mod install;
@@ -46,11 +48,11 @@ enum Command {
     Check(check::CheckArgs),
 }
 
-fn not_built(what: &str) -> anyhow::Result<()> {
-    anyhow::bail!("`sidemesh {what}` is not built yet in this version of sidemesh")
-}
-
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect();
+    if args.get(1).map(String::as_str) == Some("__component") {
+        return component::main(&args[2..]);
+    }
     let cli = Cli::parse();
     if let Err(e) = sidemesh_telemetry::logging::init() {
         eprintln!("sidemesh: {e}");
@@ -59,7 +61,7 @@ fn main() -> ExitCode {
     sidemesh_identity_client::install_crypto_provider();
     let result = match cli.command {
         Command::Trust(cmd) => trust::run(cmd),
-        Command::Demo { .. } => not_built("demo"),
+        Command::Demo { duration, no_netns } => demo::run(duration, no_netns),
         Command::Inject { file } => inject::run(&file),
         Command::Install(args) => install::run(args),
         Command::Check(args) => match check::run(args) {
