@@ -13,12 +13,17 @@
 //!   `{"type":"ADDED|MODIFIED|DELETED|BOOKMARK|ERROR","object":…}` events,
 //!   `allowWatchBookmarks`, `sendInitialEvents`, `timeoutSeconds`, and an
 //!   `ERROR` event with a `410 Expired` Status for a resourceVersion older
-//!   than the history kept (as the watch cache answers).
+//!   than the history kept (as the watch cache answers);
+//! - the `status` subresource (`GET`, and `PATCH` with a JSON merge patch,
+//!   `application/merge-patch+json`): only `status` changes, a
+//!   `metadata.resourceVersion` in the patch is a precondition (409 Conflict
+//!   when stale), and the change is a new resourceVersion seen by watches.
 //!
 //! Tests change objects with [`ApiServer::create`], [`ApiServer::update`],
 //! [`ApiServer::apply`] and [`ApiServer::delete`] (each a new resourceVersion,
 //! seen by watches), and disturb clients with [`ApiServer::drop_watches`],
-//! [`ApiServer::set_available`] and [`ApiServer::compact`]. Clients reach it
+//! [`ApiServer::set_available`], [`ApiServer::compact`] and
+//! [`ApiServer::set_served`] (a CRD not installed). Clients reach it
 //! through a kubeconfig it writes, exactly as they would reach a real cluster.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -203,6 +208,8 @@ struct Shared {
     bookmark_interval_ms: AtomicU64,
     watches_open: AtomicU64,
     watches_started: AtomicU64,
+    /// Resources answered 404, as when their CRD is not installed (by plural).
+    unserved: Mutex<Vec<&'static str>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -268,6 +275,7 @@ impl ApiServer {
             bookmark_interval_ms: AtomicU64::new(1000),
             watches_open: AtomicU64::new(0),
             watches_started: AtomicU64::new(0),
+            unserved: Mutex::default(),
         });
         let (stop, stopped) = watch::channel(false);
         let mut accept_stopped = stopped.clone();
@@ -412,6 +420,30 @@ impl ApiServer {
         lock(&self.shared.store).rv
     }
 
+    /// Serves a resource type (by plural, such as `httproutes`) or answers
+    /// every request for it `404 NotFound`, as an API server without its CRD
+    /// does. Objects stored meanwhile are kept.
+    pub fn set_served(&self, plural: &str, served: bool) {
+        let Some(res) = RESOURCES.iter().find(|r| r.plural == plural) else {
+            return;
+        };
+        let mut unserved = lock(&self.shared.unserved);
+        unserved.retain(|p| *p != res.plural);
+        if !served {
+            unserved.push(res.plural);
+        }
+    }
+
+    /// An object as stored, if it exists (`namespace` is ignored for cluster-scoped kinds).
+    pub fn get(&self, api_version: &str, kind: &str, namespace: &str, name: &str) -> Option<Value> {
+        let res = resource_of(api_version, kind)?;
+        let ns = if RESOURCES[res].namespaced { namespace } else { "" };
+        lock(&self.shared.store)
+            .objects
+            .get(&(res, ns.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
     fn write(&self, mut object: Value, how: Write) -> anyhow::Result<Value> {
         let api_version = object["apiVersion"].as_str().unwrap_or_default().to_owned();
         let kind = object["kind"].as_str().unwrap_or_default().to_owned();
@@ -450,10 +482,15 @@ impl ApiServer {
             }
             object["metadata"]["uid"] = old["metadata"]["uid"].clone();
             object["metadata"]["creationTimestamp"] = old["metadata"]["creationTimestamp"].clone();
+            // metadata.generation counts spec changes, as for CRDs and most built-in kinds.
+            let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
+            let spec_changed = object.get("spec") != old.get("spec");
+            object["metadata"]["generation"] = json!(generation + i64::from(spec_changed));
         } else {
             store.uid += 1;
             object["metadata"]["uid"] = json!(format!("00000000-0000-4000-8000-{:012x}", store.uid));
             object["metadata"]["creationTimestamp"] = json!(rfc3339(SystemTime::now()));
+            object["metadata"]["generation"] = json!(1);
         }
         store.rv += 1;
         object["metadata"]["resourceVersion"] = json!(store.rv.to_string());
@@ -563,6 +600,20 @@ async fn handle(state: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let query = parse_query(req.uri().query().unwrap_or_default());
+    let content_type = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    if let Some(r) = route(&path) {
+        let res = match r {
+            Route::Collection { res, .. } | Route::Item { res, .. } | Route::Status { res, .. } => res,
+        };
+        if lock(&state.unserved).contains(&RESOURCES[res].plural) {
+            return not_found();
+        }
+    }
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return bad_request("unreadable body"),
@@ -582,9 +633,17 @@ async fn handle(state: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                     list(&state, res, namespace.as_deref(), &selectors, &query)
                 }
             }
-            Some(Route::Item { res, namespace, name }) => get(&state, res, &namespace, &name),
+            Some(Route::Item { res, namespace, name } | Route::Status { res, namespace, name }) => {
+                get(&state, res, &namespace, &name)
+            }
             None => not_found(),
         },
+        (Method::PATCH, path) if matches!(route(path), Some(Route::Status { .. })) => {
+            let Some(Route::Status { res, namespace, name }) = route(path) else {
+                return not_found();
+            };
+            patch_status(&state, res, &namespace, &name, &content_type, &body)
+        }
         (Method::POST | Method::PUT | Method::PATCH | Method::DELETE, path) if route(path).is_some() => status_error(
             StatusCode::METHOD_NOT_ALLOWED,
             "MethodNotAllowed",
@@ -592,6 +651,84 @@ async fn handle(state: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         ),
         _ => not_found(),
     }
+}
+
+/// RFC 7386 JSON merge patch: objects merge key by key, `null` removes a
+/// key, anything else (lists included) replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    if let Value::Object(target) = target {
+        for (k, v) in patch {
+            if v.is_null() {
+                target.remove(k);
+            } else {
+                merge_patch(target.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+    }
+}
+
+/// `PATCH …/{name}/status` with a merge patch: only `status` changes.
+fn patch_status(
+    state: &Shared,
+    res: usize,
+    namespace: &str,
+    name: &str,
+    content_type: &str,
+    body: &[u8],
+) -> Response<Body> {
+    if content_type.split(';').next().map(str::trim) != Some("application/merge-patch+json") {
+        return status_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            &format!("the stand-in accepts only application/merge-patch+json status patches, not {content_type:?}"),
+        );
+    }
+    let Ok(patch) = serde_json::from_slice::<Value>(body) else {
+        return bad_request("the body is not a JSON merge patch");
+    };
+    let key = (res, namespace.to_owned(), name.to_owned());
+    let mut store = lock(&state.store);
+    let Some(before) = store.objects.get(&key).cloned() else {
+        drop(store);
+        return status_error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("{} \"{name}\" not found", RESOURCES[res].plural),
+        );
+    };
+    if let Some(want) = patch["metadata"]["resourceVersion"].as_str()
+        && want != before["metadata"]["resourceVersion"].as_str().unwrap_or_default()
+    {
+        drop(store);
+        return status_error(
+            StatusCode::CONFLICT,
+            "Conflict",
+            &format!(
+                "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
+                RESOURCES[res].plural
+            ),
+        );
+    }
+    let mut object = before.clone();
+    // The status subresource ignores everything but status.
+    if let Some(status) = patch.get("status") {
+        merge_patch(&mut object["status"], status);
+    }
+    store.rv += 1;
+    object["metadata"]["resourceVersion"] = json!(store.rv.to_string());
+    store.objects.insert(key.clone(), object.clone());
+    store.record(key, EventType::Modified, object.clone(), Some(before));
+    let rv = store.rv;
+    drop(store);
+    state.changed.send_replace(rv);
+    json_response(StatusCode::OK, &object)
 }
 
 fn token_review(state: &Shared, body: &[u8]) -> Response<Body> {
@@ -656,6 +793,11 @@ enum Route {
         namespace: String,
         name: String,
     },
+    Status {
+        res: usize,
+        namespace: String,
+        name: String,
+    },
 }
 
 /// `/api/v1/...` and `/apis/<group>/<version>/...` paths of served resources.
@@ -702,6 +844,23 @@ fn route(path: &str) -> Option<Route> {
             Some(Route::Item {
                 res,
                 namespace: (*ns).to_owned(),
+                name: (*name).to_owned(),
+            })
+        }
+        // EndpointSlices have no status subresource.
+        ["namespaces", ns, plural, name, "status"] if *plural != "endpointslices" => {
+            let res = find(plural).filter(|r| RESOURCES[*r].namespaced)?;
+            Some(Route::Status {
+                res,
+                namespace: (*ns).to_owned(),
+                name: (*name).to_owned(),
+            })
+        }
+        [plural, name, "status"] => {
+            let res = find(plural).filter(|r| !RESOURCES[*r].namespaced)?;
+            Some(Route::Status {
+                res,
+                namespace: String::new(),
                 name: (*name).to_owned(),
             })
         }

@@ -48,6 +48,36 @@ pub fn pod(ns: &str, name: &str, ip: &str, sa: &str, meshed: bool) -> Value {
     })
 }
 
+/// An HTTPRoute (`gateway.networking.k8s.io/v1`) attached to Service `parent`
+/// (GAMMA: `group: ""`, `kind: Service`), on Service port `port` if given,
+/// with `rules` as written in the spec (JSON values; see [`rule`]).
+pub fn httproute(ns: &str, name: &str, parent: &str, port: Option<u16>, rules: Vec<Value>) -> Value {
+    let mut parent_ref = json!({ "group": "", "kind": "Service", "name": parent });
+    if let Some(port) = port {
+        parent_ref["port"] = json!(port);
+    }
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": { "name": name, "namespace": ns },
+        "spec": { "parentRefs": [parent_ref], "rules": rules },
+    })
+}
+
+/// A route rule sending to `(service, port, weight)` backendRefs, with
+/// `extra` merged in (`matches`, `timeouts`, `retry`…).
+pub fn rule(backends: &[(&str, u16, i64)], extra: Value) -> Value {
+    let mut rule = json!({
+        "backendRefs": backends
+            .iter()
+            .map(|(name, port, weight)| json!({ "name": name, "port": port, "weight": weight }))
+            .collect::<Vec<_>>(),
+    });
+    if let (Some(rule), Value::Object(extra)) = (rule.as_object_mut(), extra) {
+        rule.extend(extra);
+    }
+    rule
+}
+
 /// A multi-document YAML file of objects.
 pub fn yaml(objects: &[Value]) -> String {
     objects

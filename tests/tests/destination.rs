@@ -13,12 +13,14 @@ use sidemesh_identity_client::manager::{CertManager, CertManagerConfig};
 use sidemesh_identity_client::tls::CurrentCert;
 use sidemesh_identity_client::verify::ServerIdVerifier;
 use sidemesh_identity_client::{SpiffeId, TrustBundle, TrustStore};
+use sidemesh_proto::destination::v1 as pb;
 use sidemesh_proto::destination::v1::destination_client::DestinationClient;
 use sidemesh_proto::destination::v1::{
     DiscoveryRequest, DiscoveryResponse, Endpoint, discovery_request, discovery_response,
 };
 use sidemesh_tests::apiserver::ApiServer;
 use sidemesh_tests::free_port;
+use sidemesh_tests::objects::{httproute, rule};
 use sidemesh_tests::pki::{self, Pki};
 use sidemesh_tests::process::{Proc, http_get, metric_value, run};
 use tokio::sync::mpsc;
@@ -652,6 +654,7 @@ async fn kubernetes_source_lists_watches_and_resumes_dropped_and_expired_watches
         "GET /api/v1/services",
         "GET /api/v1/pods",
         "GET /apis/discovery.k8s.io/v1/endpointslices",
+        "GET /apis/gateway.networking.k8s.io/v1/httproutes",
     ] {
         assert!(lists.iter().any(|r| r == path), "{path} not requested: {lists:?}");
     }
@@ -689,10 +692,10 @@ async fn kubernetes_source_lists_watches_and_resumes_dropped_and_expired_watches
     d.until("10.96.0.10:80", UPDATE_WITHIN * 3, |r| addresses(r).len() == 2)
         .await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while api.watches_open() < 3 || api.watches_started() < started + 3 {
+    while api.watches_open() < 4 || api.watches_started() < started + 4 {
         assert!(
             Instant::now() < deadline,
-            "all three watches resumed: {}",
+            "all four watches resumed: {}",
             api.watches_open()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -756,13 +759,487 @@ async fn kubernetes_source_lists_watches_and_resumes_dropped_and_expired_watches
     .await;
 }
 
-/// Waits (bounded) until the three watches of the destination service are open.
+// ---------------------------------------------------------------- routes
+
+/// A route change must reach subscribers within this (the contract).
+const ROUTE_UPDATE_WITHIN: Duration = Duration::from_secs(1);
+
+fn svc_of(r: &discovery_response::Result) -> &pb::Service {
+    match r {
+        discovery_response::Result::Service(s) => s,
+        other => panic!("not a service: {other:?}"),
+    }
+}
+
+/// `(route name, rule index)` of each route, in order.
+fn route_ids(r: &discovery_response::Result) -> Vec<(String, u32)> {
+    match r {
+        discovery_response::Result::Service(s) => s.routes.iter().map(|r| (r.name.clone(), r.rule)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn weights(route: &pb::Route) -> Vec<(&str, u32)> {
+    route.backends.iter().map(|b| (b.key.as_str(), b.weight)).collect()
+}
+
+fn backend<'a>(svc: &'a pb::Service, key: &str) -> &'a pb::Backend {
+    svc.backends
+        .iter()
+        .find(|b| b.key == key)
+        .unwrap_or_else(|| panic!("no backend {key} in {:?}", svc.backends))
+}
+
+fn secs(d: &Option<prost_types::Duration>) -> Option<f64> {
+    d.map(|d| d.seconds as f64 + f64::from(d.nanos) / 1e9)
+}
+
+/// The canary Service next to the shop's `web`, and its Pod.
+fn canary(endpoints: &[(&str, &str, bool)]) -> Vec<Value> {
+    let mut out = vec![
+        service("shop", "web-canary", "10.96.0.11", &[("http", 80)], json!({})),
+        slice("shop", "web-canary-1", "web-canary", &[("http", 8080)], endpoints),
+    ];
+    out.extend(
+        endpoints
+            .iter()
+            .map(|(ip, pod_name, _)| pod("shop", pod_name, ip, "web", true)),
+    );
+    out
+}
+
+/// `web-split`: a 90/10 canary on `/api` with timeouts and retries, a rule
+/// with a broken regex (dropped), and a rule naming a missing Service.
+fn split_route(stable: i64, canary: i64) -> Value {
+    httproute(
+        "shop",
+        "web-split",
+        "web",
+        Some(80),
+        vec![
+            rule(
+                &[("web", 80, stable), ("web-canary", 80, canary)],
+                json!({
+                    "matches": [{
+                        "path": { "type": "PathPrefix", "value": "/api" },
+                        "headers": [{ "name": "X-Canary", "value": "yes" }],
+                        "method": "GET",
+                    }],
+                    "timeouts": { "request": "10s", "backendRequest": "500ms" },
+                    "retry": { "attempts": 2, "codes": [503, 502], "backoff": "50ms" },
+                }),
+            ),
+            rule(
+                &[("web", 80, 1)],
+                json!({ "matches": [{ "path": { "type": "RegularExpression", "value": "/(unclosed" } }] }),
+            ),
+            rule(
+                &[("web", 80, 1), ("nowhere", 80, 1)],
+                json!({ "matches": [{ "path": { "type": "Exact", "value": "/health" } }] }),
+            ),
+        ],
+    )
+}
+
+/// The shop with the canary, the split route, and budget-ratio annotations
+/// (valid on `web`, invalid on `db`).
+fn shop_with_routes(stable: i64, canary_weight: i64, canary_eps: &[(&str, &str, bool)]) -> Vec<Value> {
+    let mut objects = shop();
+    objects[0] = service(
+        "shop",
+        "web",
+        "10.96.0.10",
+        &[("http", 80), ("admin", 81)],
+        json!({ "retry.sidemesh.io/budget-ratio": "0.5" }),
+    );
+    objects[5] = service(
+        "shop",
+        "db",
+        "10.96.0.20",
+        &[("", 5432)],
+        json!({ "config.sidemesh.io/opaque-ports": "5432", "retry.sidemesh.io/budget-ratio": "-1" }),
+    );
+    objects.extend(canary(canary_eps));
+    objects.push(split_route(stable, canary_weight));
+    objects
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_source_serves_routes_and_route_changes_reach_subscribers_within_a_second() {
+    let mesh = Mesh::start();
+    let file = mesh.dir.path().join("mesh.yaml");
+    let one_canary = [("10.1.0.21", "canary-1", true)];
+    pki::write(&file, &yaml(&shop_with_routes(90, 10, &one_canary)));
+    let dest = mesh.destination(&format!("file:{}", file.display()), &[], &[]);
+    let cert = mesh.frontend_cert().await;
+    let mut d = Discover::open(channel(&dest.addr, mesh.trust(), ClientCert::Workload(cert)))
+        .await
+        .expect("stream");
+    d.subscribe("10.96.0.10:80").await;
+    let r = d.until("10.96.0.10:80", UPDATE_WITHIN, is_service).await;
+    let svc = svc_of(&r);
+
+    // The shop's catch-all route `web` (no rules: one rule matching
+    // everything, to the Service itself) and the split's valid rules; files
+    // carry no creationTimestamp, so the order is namespace/name, then rule.
+    assert_eq!(
+        route_ids(&r),
+        vec![
+            ("shop/web".to_owned(), 0),
+            ("shop/web-split".to_owned(), 0),
+            ("shop/web-split".to_owned(), 2)
+        ],
+        "the rule with a broken regex is dropped, the others stay"
+    );
+    assert_eq!(weights(&svc.routes[0]), vec![("shop/web:80", 1)]);
+    let split = &svc.routes[1];
+    assert_eq!(weights(split), vec![("shop/web:80", 90), ("shop/web-canary:80", 10)]);
+    let m = &split.matches[0];
+    let path = m.path.as_ref().expect("path");
+    assert_eq!(
+        (path.kind, path.value.as_str(), m.method.as_str()),
+        (pb::path_match::Kind::Prefix as i32, "/api", "GET")
+    );
+    assert_eq!(
+        (
+            m.headers[0].name.as_str(),
+            m.headers[0].value.as_str(),
+            m.headers[0].regex
+        ),
+        ("x-canary", "yes", false)
+    );
+    assert_eq!(secs(&split.request_timeout), Some(10.0));
+    assert_eq!(secs(&split.backend_request_timeout), Some(0.5));
+    let retry = split.retry.as_ref().expect("retry");
+    assert_eq!(retry.attempts, 3, "2 retries = 3 attempts");
+    assert_eq!(retry.codes, vec![503, 502]);
+    assert_eq!(secs(&retry.backoff), Some(0.05));
+    assert_eq!(
+        weights(&svc.routes[2]),
+        vec![("shop/web:80", 1), ("shop/nowhere:80", 1)]
+    );
+    // Backends other than the Service itself, with endpoints built like its own.
+    let canary_backend = backend(svc, "shop/web-canary:80");
+    assert!(!canary_backend.unresolved);
+    let eps: Vec<(&str, u32, &str, bool, bool)> = canary_backend
+        .endpoints
+        .iter()
+        .map(|e| (e.address.as_str(), e.port, e.identity.as_str(), e.meshed, e.ready))
+        .collect();
+    assert_eq!(
+        eps,
+        vec![("10.1.0.21", 8080, "spiffe://cluster.local/ns/shop/sa/web", true, true)]
+    );
+    let nowhere = backend(svc, "shop/nowhere:80");
+    assert!(nowhere.unresolved && nowhere.endpoints.is_empty(), "{nowhere:?}");
+    assert_eq!(svc.backends.len(), 2, "the Service's own backend is default_backend");
+    // Budget ratio from the annotation; an invalid one is ignored and counted.
+    let budget = svc.retry_budget.as_ref().expect("budget");
+    assert_eq!((budget.ratio, budget.min_retries_per_second), (0.5, 10));
+    assert_eq!(budget.window.map(|w| w.seconds), Some(10));
+    d.subscribe("10.96.0.20:5432").await;
+    let db = d.until("10.96.0.20:5432", UPDATE_WITHIN, is_service).await;
+    assert_eq!(svc_of(&db).retry_budget.as_ref().map(|b| b.ratio), Some(0.2));
+    assert!(route_ids(&db).is_empty());
+    dest.wait_metric(
+        "sidemesh_destination_annotations_invalid",
+        &["annotation=\"retry.sidemesh.io/budget-ratio\""],
+        |v| v == 1.0,
+    )
+    .await;
+    dest.wait_metric("sidemesh_destination_route_problems", &["reason=\"bad_regex\""], |v| {
+        v == 1.0
+    })
+    .await;
+    dest.wait_metric(
+        "sidemesh_destination_route_problems",
+        &["reason=\"backend_not_found\""],
+        |v| v == 1.0,
+    )
+    .await;
+    let log = dest.proc.log();
+    assert!(
+        log.contains("HTTPRoute has problems") && log.contains("does not compile"),
+        "{log}"
+    );
+    assert!(
+        log.contains("retry.sidemesh.io/budget-ratio"),
+        "invalid annotation logged"
+    );
+
+    // Live re-weight through the file.
+    let edited = Instant::now();
+    pki::write(&file, &yaml(&shop_with_routes(50, 50, &one_canary)));
+    let r = d
+        .until("10.96.0.10:80", UPDATE_WITHIN, |r| {
+            svc_of(r)
+                .routes
+                .get(1)
+                .is_some_and(|s| weights(s) == [("shop/web:80", 50), ("shop/web-canary:80", 50)])
+        })
+        .await;
+    let took = edited.elapsed();
+    eprintln!("re-weight reached the subscriber in {took:?}");
+    assert!(took < ROUTE_UPDATE_WITHIN, "re-weight took {took:?}");
+    assert_eq!(route_ids(&r).len(), 3);
+
+    // A backend's endpoints change: the parent's subscribers hear of it.
+    let two_canaries = [("10.1.0.21", "canary-1", true), ("10.1.0.22", "canary-2", true)];
+    let edited = Instant::now();
+    pki::write(&file, &yaml(&shop_with_routes(50, 50, &two_canaries)));
+    d.until("10.96.0.10:80", UPDATE_WITHIN, |r| {
+        backend(svc_of(r), "shop/web-canary:80").endpoints.len() == 2
+    })
+    .await;
+    let took = edited.elapsed();
+    eprintln!("backend endpoint change reached the subscriber in {took:?}");
+    assert!(took < ROUTE_UPDATE_WITHIN, "backend endpoints took {took:?}");
+
+    // A consumer route (in the client's namespace, `default`) replaces the
+    // producer routes for this client only.
+    let mut consumer = httproute(
+        "default",
+        "frontend-timeouts",
+        "web",
+        None,
+        vec![json!({ "timeouts": { "request": "1s" } })],
+    );
+    consumer["spec"]["parentRefs"][0]["namespace"] = json!("shop");
+    let mut objects = shop_with_routes(50, 50, &two_canaries);
+    objects.push(consumer);
+    pki::write(&file, &yaml(&objects));
+    let r = d
+        .until("10.96.0.10:80", UPDATE_WITHIN, |r| {
+            route_ids(r) == [("default/frontend-timeouts".to_owned(), 0)]
+        })
+        .await;
+    let route = &svc_of(&r).routes[0];
+    assert_eq!(
+        weights(route),
+        vec![("shop/web:80", 1)],
+        "no backendRefs: the Service itself"
+    );
+    assert_eq!(secs(&route.request_timeout), Some(1.0));
+    assert!(svc_of(&r).backends.is_empty());
+
+    // Routes deleted: back to the Service's own endpoints, no routes.
+    let mut objects = shop();
+    objects.pop();
+    pki::write(&file, &yaml(&objects));
+    let r = d
+        .until("10.96.0.10:80", UPDATE_WITHIN, |r| route_ids(r).is_empty())
+        .await;
+    assert_eq!(addresses(&r).len(), 2);
+    dest.wait_metric("sidemesh_destination_route_problems", &["reason=\"bad_regex\""], |v| {
+        v == 0.0
+    })
+    .await;
+}
+
+/// Waits (bounded) until the status sidemesh wrote on a route satisfies `ok`.
+async fn wait_route_status(api: &ApiServer, name: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let route = api
+            .get("gateway.networking.k8s.io/v1", "HTTPRoute", "shop", name)
+            .unwrap_or(Value::Null);
+        let ours = route["status"]["parents"]
+            .as_array()
+            .and_then(|ps| {
+                ps.iter()
+                    .find(|p| p["controllerName"] == "sidemesh.io/destination")
+                    .cloned()
+            })
+            .unwrap_or(Value::Null);
+        if ok(&ours) {
+            return route;
+        }
+        assert!(Instant::now() < deadline, "status of {name}: {route:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `(status, reason)` of condition `kind` in a `status.parents[]` entry.
+fn condition(parent: &Value, kind: &str) -> (String, String) {
+    parent["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == kind))
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or_default().to_owned(),
+                c["reason"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_source_routes_follow_watch_events_and_statuses_are_written() {
+    let mesh = Mesh::start();
+    let api = ApiServer::start(mesh.dir.path()).await.expect("stand-in API server");
+    // No Gateway API CRDs at first: the destination service must still become ready.
+    api.set_served("httproutes", false);
+    let mut objects = shop();
+    objects.extend(canary(&[("10.1.0.21", "canary-1", true)]));
+    for o in objects {
+        api.create(o).expect("create");
+    }
+    let kubeconfig = api.kubeconfig.display().to_string();
+    let dest = mesh.destination("kubernetes", &[], &[("KUBECONFIG", &kubeconfig)]);
+    assert!(dest.proc.log().contains("is not served"), "{}", dest.proc.log());
+    let cert = mesh.frontend_cert().await;
+    let mut d = Discover::open(channel(&dest.addr, mesh.trust(), ClientCert::Workload(cert)))
+        .await
+        .expect("stream");
+    d.subscribe("10.96.0.10:80").await;
+    let r = d.until("10.96.0.10:80", UPDATE_WITHIN, is_service).await;
+    assert!(route_ids(&r).is_empty(), "no CRD, no routes: {r:?}");
+
+    // The CRD appears: the watcher's retry picks the routes up.
+    api.set_served("httproutes", true);
+    d.until("10.96.0.10:80", Duration::from_secs(20), |r| {
+        route_ids(r) == [("shop/web".to_owned(), 0)]
+    })
+    .await;
+
+    // A route added through the API, with another controller's status entry
+    // that sidemesh must keep.
+    let mut split = split_route(90, 10);
+    split["status"] = json!({ "parents": [{
+        "parentRef": { "name": "gw", "kind": "Gateway", "group": "gateway.networking.k8s.io" },
+        "controllerName": "example.com/gateway",
+        "conditions": [],
+    }] });
+    let added = Instant::now();
+    api.create(split).expect("create route");
+    let r = d
+        .until("10.96.0.10:80", UPDATE_WITHIN, |r| route_ids(r).len() == 3)
+        .await;
+    eprintln!("route added reached the subscriber in {:?}", added.elapsed());
+    assert!(added.elapsed() < ROUTE_UPDATE_WITHIN);
+    // The API server's creationTimestamp orders routes: shop/web is older.
+    assert_eq!(
+        route_ids(&r),
+        vec![
+            ("shop/web".to_owned(), 0),
+            ("shop/web-split".to_owned(), 0),
+            ("shop/web-split".to_owned(), 2)
+        ]
+    );
+    assert_eq!(
+        weights(&svc_of(&r).routes[1]),
+        vec![("shop/web:80", 90), ("shop/web-canary:80", 10)]
+    );
+    assert_eq!(backend(svc_of(&r), "shop/web-canary:80").endpoints.len(), 1);
+
+    // Status: accepted with a dropped rule, and an unresolved backendRef.
+    let route = wait_route_status(&api, "web-split", |p| {
+        condition(p, "ResolvedRefs") == ("False".into(), "BackendNotFound".into())
+    })
+    .await;
+    let parents = route["status"]["parents"].as_array().cloned().unwrap_or_default();
+    assert_eq!(parents.len(), 2, "the other controller's entry is kept: {parents:#?}");
+    let ours = parents
+        .iter()
+        .find(|p| p["controllerName"] == "sidemesh.io/destination")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(condition(&ours, "Accepted"), ("True".into(), "Accepted".into()));
+    assert_eq!(
+        condition(&ours, "PartiallyInvalid"),
+        ("True".into(), "UnsupportedValue".into())
+    );
+    assert_eq!(
+        ours["parentRef"],
+        json!({ "group": "", "kind": "Service", "name": "web", "port": 80 })
+    );
+    assert_eq!(ours["conditions"][0]["observedGeneration"], 1, "{ours:#}");
+    assert!(
+        ours["conditions"][0]["lastTransitionTime"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{ours:#}"
+    );
+    // The shop's route, valid, is accepted with its references resolved.
+    wait_route_status(&api, "web", |p| {
+        condition(p, "Accepted") == ("True".into(), "Accepted".into())
+            && condition(p, "ResolvedRefs") == ("True".into(), "ResolvedRefs".into())
+    })
+    .await;
+
+    // Re-weight through a watch event.
+    let mut reweighted = split_route(50, 50);
+    reweighted["status"] = route["status"].clone();
+    let changed = Instant::now();
+    api.update(reweighted).expect("update");
+    d.until("10.96.0.10:80", UPDATE_WITHIN, |r| {
+        svc_of(r)
+            .routes
+            .get(1)
+            .is_some_and(|s| weights(s) == [("shop/web:80", 50), ("shop/web-canary:80", 50)])
+    })
+    .await;
+    eprintln!(
+        "re-weight through a watch event reached the subscriber in {:?}",
+        changed.elapsed()
+    );
+    assert!(changed.elapsed() < ROUTE_UPDATE_WITHIN);
+
+    // The missing backend Service appears: the backend resolves, and so does the status.
+    api.create(service("shop", "nowhere", "10.96.0.30", &[("http", 80)], json!({})))
+        .expect("create");
+    api.create(slice(
+        "shop",
+        "nowhere-1",
+        "nowhere",
+        &[("http", 8080)],
+        &[("10.1.0.31", "nowhere-0", true)],
+    ))
+    .expect("create");
+    let r = d
+        .until("10.96.0.10:80", UPDATE_WITHIN, |r| {
+            svc_of(r)
+                .backends
+                .iter()
+                .any(|b| b.key == "shop/nowhere:80" && !b.unresolved && b.endpoints.len() == 1)
+        })
+        .await;
+    assert_eq!(route_ids(&r).len(), 3);
+    wait_route_status(&api, "web-split", |p| {
+        condition(p, "ResolvedRefs") == ("True".into(), "ResolvedRefs".into())
+    })
+    .await;
+
+    // Statuses settle: no patch loop.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let patches = || {
+        api.requests()
+            .iter()
+            .filter(|r| r.starts_with("PATCH ") && r.ends_with("/status"))
+            .count()
+    };
+    let settled = patches();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(patches(), settled, "status patches stop once statuses are current");
+    assert!(settled >= 3, "{settled} status patches");
+
+    // Deleted through a watch event.
+    api.delete("gateway.networking.k8s.io/v1", "HTTPRoute", "shop", "web-split")
+        .expect("delete");
+    d.until("10.96.0.10:80", UPDATE_WITHIN, |r| {
+        route_ids(r) == [("shop/web".to_owned(), 0)]
+    })
+    .await;
+    assert!(!dest.proc.log().contains("panicked"));
+}
+
+/// Waits (bounded) until the four watches of the destination service are open.
 async fn wait_watches(api: &ApiServer) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while api.watches_open() < 3 {
+    while api.watches_open() < 4 {
         assert!(
             Instant::now() < deadline,
-            "the three watches are not all open: {}",
+            "the four watches are not all open: {}",
             api.watches_open()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
