@@ -6,6 +6,10 @@
 //! `name=<name> version=<v> path=<p> client-id=<sidemesh-client-id or ->`;
 //! `?status=N` sets the status, `?sleep_ms=N` delays the answer; with
 //! `SIDEMESH_TEST_FAIL_PCT=P` in the environment, P% of requests get 503.
+//! With `SIDEMESH_TEST_DELAY_FILE=F`, each answer waits the milliseconds
+//! written in F (read per request, so a test can slow a backend down live).
+//! `sidemesh-test-app load <url> <rps> <secs>` — an open-loop HTTP/1.1 client
+//! printing `<ms since start> <status> <name>` per answer.
 //! `GET /__count` answers the number of other requests served (for tests
 //! that count what reached a backend).
 //! `sidemesh-test-app echo <addr>` — echoes bytes until the client half-closes.
@@ -51,6 +55,14 @@ async fn answer(name: String, req: Request<Incoming>) -> Result<Response<Full<By
         )))));
     }
     let n = SERVED.fetch_add(1, Ordering::Relaxed);
+    if let Ok(path) = std::env::var("SIDEMESH_TEST_DELAY_FILE")
+        && let Some(ms) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+        && ms > 0
+    {
+        tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
+    }
     if let Some(ms) = query(&req, "sleep_ms") {
         tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
     }
@@ -134,6 +146,56 @@ async fn rtt(addr: &str, count: usize) -> std::io::Result<()> {
     Ok(())
 }
 
+async fn load(url: &str, rps: u64, secs: u64) -> std::io::Result<()> {
+    use http_body_util::BodyExt as _;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<Bytes>> =
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
+    let uri: http::Uri = url.parse().map_err(|_| std::io::Error::other("bad url"))?;
+    let start = std::time::Instant::now();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rps.max(1) as f64));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let total = rps * secs;
+    for _ in 0..total {
+        tick.tick().await;
+        let (client, uri, tx) = (client.clone(), uri.clone(), tx.clone());
+        tokio::spawn(async move {
+            let line = match client.get(uri).await {
+                Ok(rsp) => {
+                    let status = rsp.status().as_u16();
+                    let body = rsp
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    let text = String::from_utf8_lossy(&body);
+                    let name = text
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix("name="))
+                        .unwrap_or("?")
+                        .to_owned();
+                    format!("{} {status} {name}", start.elapsed().as_millis())
+                }
+                Err(_) => format!("{} 0 -", start.elapsed().as_millis()),
+            };
+            let _ = tx.send(line);
+        });
+    }
+    drop(tx);
+    let mut out = String::new();
+    while let Some(line) = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .ok()
+        .flatten()
+    {
+        out.push_str(&line);
+        out.push('\n');
+    }
+    print!("{out}");
+    Ok(())
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -144,6 +206,10 @@ async fn main() -> std::io::Result<()> {
     let extra = args.get(3).cloned().unwrap_or_else(|| "app".to_owned());
     if mode == "rtt" {
         return rtt(addr, extra.parse().unwrap_or(1000)).await;
+    }
+    if mode == "load" {
+        let secs = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(5);
+        return load(addr, extra.parse().unwrap_or(100), secs).await;
     }
     let listener = TcpListener::bind(addr).await?;
     loop {
