@@ -155,15 +155,16 @@ pub async fn start(
         addr: config.listen,
         source,
     })?;
+    let (stop_accepting_tx, mut stop_accepting) = watch::channel(false);
     let authority = Authority::new(
         &config.trust_domain,
         config.leaf_lifetime,
         reviewer,
         issuer_rx.clone(),
         metrics,
-    );
+    )
+    .with_shutdown(stop_accepting.clone());
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(1024);
-    let (stop_accepting_tx, mut stop_accepting) = watch::channel(false);
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = tokio::select! {

@@ -23,6 +23,7 @@ pub struct Authority {
     reviewer: TokenReviewer,
     issuer: watch::Receiver<Arc<Issuer>>,
     metrics: IdentityMetrics,
+    shutdown: Option<watch::Receiver<bool>>,
 }
 
 /// A refusal: the gRPC status and the metric reason.
@@ -43,7 +44,16 @@ impl Authority {
             reviewer,
             issuer,
             metrics,
+            shutdown: None,
         }
+    }
+
+    /// Ends `WatchIssuer` streams once `shutdown` turns true: a stream that
+    /// never ends would hold a stopping server for its whole grace period,
+    /// and its clients are better off reconnecting to another replica at once.
+    pub fn with_shutdown(mut self, shutdown: watch::Receiver<bool>) -> Self {
+        self.shutdown = Some(shutdown);
+        self
     }
 
     async fn certify(&self, req: CertifyRequest) -> Result<CertifyResponse, Refusal> {
@@ -157,6 +167,18 @@ impl Identity for Authority {
 
     async fn watch_issuer(&self, _request: Request<WatchIssuerRequest>) -> Result<Response<IssuerStream>, Status> {
         let stream = tokio_stream::wrappers::WatchStream::new(self.issuer.clone());
+        let stopped = {
+            let shutdown = self.shutdown.clone();
+            async move {
+                match shutdown {
+                    Some(mut rx) => {
+                        let _ = rx.wait_for(|s| *s).await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            }
+        };
+        let stream = futures::StreamExt::take_until(stream, Box::pin(stopped));
         let stream = futures::StreamExt::map(stream, |issuer| {
             Ok(IssuerState {
                 issuer_fingerprint: issuer.fingerprint().to_owned(),
