@@ -199,6 +199,9 @@ where
 
 /// How long a failed status patch waits before it is tried again.
 const STATUS_RETRY: Duration = Duration::from_secs(5);
+/// The same when refused (no RBAC permission): a setting that rarely changes,
+/// not worth a request per route every few seconds.
+const STATUS_RETRY_FORBIDDEN: Duration = Duration::from_secs(60);
 
 /// Writes each route's `status.parents` entries when they differ from what
 /// the route carries. A patch is conditional on the resourceVersion it was
@@ -215,7 +218,7 @@ async fn write_statuses(client: Client, mut statuses: tokio::sync::watch::Receiv
     let mut warned = false;
     loop {
         let current = statuses.borrow_and_update().clone();
-        let mut retry = false;
+        let mut retry: Option<Duration> = None;
         for (key, status) in current.iter() {
             if status.is_current() || written.get(key) == Some(&status.resource_version) {
                 continue;
@@ -243,14 +246,24 @@ async fn write_statuses(client: Client, mut statuses: tokio::sync::watch::Receiv
                         tracing::warn!(route = %key, error = %e, "writing HTTPRoute status failed (RBAC needs patch on httproutes/status); retrying");
                         warned = true;
                     }
-                    retry = true;
+                    let forbidden = matches!(&e, kube::Error::Api(s) if s.code == 403);
+                    let delay = if forbidden {
+                        STATUS_RETRY_FORBIDDEN
+                    } else {
+                        STATUS_RETRY
+                    };
+                    retry = Some(retry.map_or(delay, |d| d.max(delay)));
+                    if forbidden {
+                        // The other routes would be refused alike.
+                        break;
+                    }
                 }
             }
         }
         written.retain(|k, _| current.contains_key(k));
         tokio::select! {
             changed = statuses.changed() => if changed.is_err() { return },
-            _ = tokio::time::sleep(STATUS_RETRY), if retry => {}
+            _ = tokio::time::sleep(retry.unwrap_or(STATUS_RETRY)), if retry.is_some() => {}
         }
     }
 }
