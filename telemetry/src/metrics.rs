@@ -1,10 +1,19 @@
-//! One OpenTelemetry `MeterProvider` per process, read out as Prometheus text
-//! on the admin endpoint.
+//! One OpenTelemetry `MeterProvider` per process with two readers: the
+//! Prometheus text on the admin endpoint (always), and an OTLP/gRPC periodic
+//! exporter when the standard variables ask for one
+//! (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`;
+//! `OTEL_METRIC_EXPORT_INTERVAL`, `OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE`,
+//! `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, … as the SDK reads them).
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use opentelemetry::metrics::{Meter, MeterProvider as _};
-use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::metrics::SdkMeterProvider;
-use prometheus::{Encoder as _, TextEncoder};
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
+
+use crate::TelemetryError;
+use crate::otlp::{self, ExportRuntime, Signal};
+use crate::prom::{PromReader, PromStore};
 
 /// Latency buckets in seconds, from 100 µs to 10 s: mesh operations are fast,
 /// and the default OTel buckets are in milliseconds.
@@ -13,33 +22,71 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 /// Why metrics could not be set up.
-#[derive(Debug, thiserror::Error)]
-#[error("setting up the Prometheus metrics reader: {0}")]
-pub struct MetricsError(String);
+pub type MetricsError = TelemetryError;
 
-/// The process's meter provider and the registry its Prometheus reader fills.
+/// The process's meter provider and the Prometheus page its reader fills.
 #[derive(Clone, Debug)]
 pub struct Metrics {
+    // Declared first so it drops (and flushes) before the export runtime it uses.
     provider: SdkMeterProvider,
-    registry: prometheus::Registry,
+    prom: Arc<PromStore>,
+    otlp: Option<Arc<ExportRuntime>>,
+}
+
+/// How a component's metrics are set up.
+#[derive(Debug, Clone)]
+pub struct MetricsBuilder {
+    service_name: &'static str,
+    idle_expiry: Option<Duration>,
+}
+
+impl MetricsBuilder {
+    /// Drops a counter or histogram series from the Prometheus page once it
+    /// has not changed for `idle` (the proxy's per-peer series); `None`, the
+    /// default, keeps every series for the life of the process.
+    pub fn idle_expiry(mut self, idle: Option<Duration>) -> Self {
+        self.idle_expiry = idle;
+        self
+    }
+
+    /// Builds the provider; must run inside a tokio runtime only in the sense
+    /// that it may be called from one (the OTLP exporter has its own).
+    pub fn build(self) -> Result<Metrics, TelemetryError> {
+        let reader = PromReader::new();
+        let prom = Arc::new(PromStore::new(reader.clone(), self.idle_expiry));
+        let mut builder = SdkMeterProvider::builder()
+            .with_resource(otlp::resource(self.service_name))
+            .with_reader(reader);
+        let otlp = if otlp::enabled(Signal::Metrics)? {
+            let rt = ExportRuntime::start()?;
+            let exporter = rt.metric_exporter()?;
+            builder = builder.with_reader(PeriodicReader::builder(exporter).build());
+            Some(rt)
+        } else {
+            None
+        };
+        let provider = builder.build();
+        crate::process::register(&provider.meter("sidemesh-process"));
+        if otlp.is_some() {
+            tracing::info!("exporting metrics over OTLP");
+        }
+        Ok(Metrics { provider, prom, otlp })
+    }
 }
 
 impl Metrics {
-    /// Builds the provider for a service (`service.name` resource attribute).
-    pub fn new(service_name: &'static str) -> Result<Self, MetricsError> {
-        let registry = prometheus::Registry::new();
-        let exporter = opentelemetry_prometheus::exporter()
-            .with_registry(registry.clone())
-            .without_target_info()
-            .scope_info_enabled(false)
-            .build()
-            .map_err(|e| MetricsError(e.to_string()))?;
-        let resource = Resource::builder().with_service_name(service_name).build();
-        let provider = SdkMeterProvider::builder()
-            .with_resource(resource)
-            .with_reader(exporter)
-            .build();
-        Ok(Self { provider, registry })
+    /// The provider for a service (`service.name` unless `OTEL_SERVICE_NAME`
+    /// or `OTEL_RESOURCE_ATTRIBUTES` names one), every series kept.
+    pub fn new(service_name: &'static str) -> Result<Self, TelemetryError> {
+        Self::builder(service_name).build()
+    }
+
+    /// A builder for other settings.
+    pub fn builder(service_name: &'static str) -> MetricsBuilder {
+        MetricsBuilder {
+            service_name,
+            idle_expiry: None,
+        }
     }
 
     /// A meter for one component's instruments.
@@ -47,14 +94,28 @@ impl Metrics {
         self.provider.meter(scope)
     }
 
+    /// Whether metrics also leave over OTLP.
+    pub fn exports_otlp(&self) -> bool {
+        self.otlp.is_some()
+    }
+
     /// The current values as Prometheus text exposition format.
     pub fn render(&self) -> String {
-        let mut out = Vec::with_capacity(4096);
-        // Encoding into a Vec only fails on invalid metric families, which the
-        // exporter never produces; an empty page is the honest fallback.
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
-            tracing::warn!(error = %e, "encoding metrics");
+        self.prom.render()
+    }
+
+    /// Exports what is left over OTLP and stops the exporter. The SDK blocks
+    /// while it exports, so this runs on tokio's blocking pool and can be
+    /// awaited from any runtime, the current-thread one included.
+    pub async fn shutdown(&self) {
+        if self.otlp.is_none() {
+            return;
         }
-        String::from_utf8(out).unwrap_or_default()
+        let provider = self.provider.clone();
+        match tokio::task::spawn_blocking(move || provider.shutdown()).await {
+            Ok(Ok(())) => tracing::debug!("metrics flushed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "flushing metrics over OTLP"),
+            Err(e) => tracing::warn!(error = %e, "flushing metrics over OTLP"),
+        }
     }
 }
