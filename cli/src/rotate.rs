@@ -340,19 +340,27 @@ struct Observation {
     servers: Vec<ServerView>,
 }
 
-/// Counts for progress lines: how many of the watched components satisfy a condition.
-fn progress(what: &str, ok: usize, total: usize, lagging: &[String]) -> String {
-    if lagging.is_empty() {
-        format!("      {ok} of {total} {what}")
-    } else {
+/// A progress line: how many proxies (and servers) satisfy the condition,
+/// and which do not yet.
+fn progress(what: &str, proxies: (usize, usize), servers: (usize, usize), lagging: &[String]) -> String {
+    let mut counts = Vec::new();
+    if proxies.1 > 0 {
+        counts.push(format!("{} of {} proxies", proxies.0, proxies.1));
+    }
+    if servers.1 > 0 {
+        counts.push(format!("{} of {} servers", servers.0, servers.1));
+    }
+    let mut line = format!("      {} {what}", counts.join(", "));
+    if !lagging.is_empty() {
         let shown: Vec<&str> = lagging.iter().take(5).map(String::as_str).collect();
         let more = if lagging.len() > 5 {
             format!(" and {} more", lagging.len() - 5)
         } else {
             String::new()
         };
-        format!("      {ok} of {total} {what} (waiting for {}{more})", shown.join(", "))
+        line.push_str(&format!(" (waiting for {}{more})", shown.join(", ")));
     }
+    line
 }
 
 impl Rotation {
@@ -590,32 +598,34 @@ impl Rotation {
     }
 
     /// Polls until `ready` holds for every watched component, or the timeout.
+    /// Polls until every proxy (and, with `ready_server`, every TLS
+    /// endpoint) is ready, or the timeout.
     fn wait_until(
         &self,
         what: &str,
         bundle: Option<&TrustBundle>,
         client: Option<&ClientCert>,
         ready_proxy: &dyn Fn(&ProxyView) -> bool,
-        ready_server: &dyn Fn(&ServerView) -> bool,
+        ready_server: Option<&dyn Fn(&ServerView) -> bool>,
     ) -> anyhow::Result<()> {
         let deadline = Instant::now() + self.args.timeout;
         let mut last_line = String::new();
         loop {
-            let seen = self.observe(bundle, client);
-            let total = seen.proxies.len() + seen.servers.len();
-            let mut lagging: Vec<String> = seen
-                .proxies
+            let seen = self.observe(bundle, client, ready_server.is_some());
+            let server_ok = |s: &ServerView| ready_server.is_none_or(|f| f(s));
+            let late_proxies: Vec<&ProxyView> = seen.proxies.iter().filter(|p| !ready_proxy(p)).collect();
+            let late_servers: Vec<&ServerView> = seen.servers.iter().filter(|s| !server_ok(s)).collect();
+            let lagging: Vec<String> = late_proxies
                 .iter()
-                .filter(|p| !ready_proxy(p))
                 .map(|p| p.endpoint.clone())
+                .chain(late_servers.iter().map(|s| s.endpoint.clone()))
                 .collect();
-            lagging.extend(
-                seen.servers
-                    .iter()
-                    .filter(|s| !ready_server(s))
-                    .map(|s| s.endpoint.clone()),
+            let line = progress(
+                what,
+                (seen.proxies.len() - late_proxies.len(), seen.proxies.len()),
+                (seen.servers.len() - late_servers.len(), seen.servers.len()),
+                &lagging,
             );
-            let line = progress(what, total - lagging.len(), total, &lagging);
             if line != last_line {
                 println!("{line}");
                 last_line = line;
@@ -624,15 +634,13 @@ impl Rotation {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                let mut detail = String::new();
-                for p in seen.proxies.iter().filter(|p| !ready_proxy(p)) {
-                    detail.push_str(&format!("\n  {}", p.line()));
-                }
-                for s in seen.servers.iter().filter(|s| !ready_server(s)) {
-                    detail.push_str(&format!("\n  {}", s.line()));
-                }
+                let detail: String = late_proxies
+                    .iter()
+                    .map(|p| format!("\n  {}", p.line()))
+                    .chain(late_servers.iter().map(|s| format!("\n  {}", s.line())))
+                    .collect();
                 anyhow::bail!(
-                    "timed out after {:?} waiting until every component {what}; lagging:{detail}\n\
+                    "timed out after {:?} waiting until every component would {what}; lagging:{detail}\n\
                      progress is saved in {}: re-run the same command to resume",
                     self.args.timeout,
                     self.state_path.display()
@@ -642,13 +650,13 @@ impl Rotation {
         }
     }
 
-    fn observe(&self, bundle: Option<&TrustBundle>, client: Option<&ClientCert>) -> Observation {
+    fn observe(&self, bundle: Option<&TrustBundle>, client: Option<&ClientCert>, servers: bool) -> Observation {
         let request_timeout = self.args.poll.max(Duration::from_secs(2)).min(Duration::from_secs(10));
         self.rt.block_on(async {
             let proxies = observe_proxies(&self.args.proxies, request_timeout);
             let servers = async {
                 let mut out = Vec::new();
-                for e in &self.args.tls_endpoints {
+                for e in self.args.tls_endpoints.iter().filter(|_| servers) {
                     out.push(probe_server(e, bundle, client, request_timeout).await);
                 }
                 out
@@ -667,7 +675,7 @@ impl Rotation {
             None,
             &|p| p.trusts(&b),
             // Servers cannot say what they trust; step 5 shows they accept the new chain.
-            &|_| true,
+            None,
         )
     }
 
@@ -833,7 +841,7 @@ impl Rotation {
             Some(&bundle),
             Some(&client),
             &|p| p.issuer.as_deref() == Some(issuer.as_str()),
-            &|s| s.issuer.as_deref() == Some(issuer.as_str()) && s.chain_error.is_none() && s.error.is_none(),
+            Some(&|s| s.issuer.as_deref() == Some(issuer.as_str()) && s.chain_error.is_none() && s.error.is_none()),
         )
     }
 
@@ -849,6 +857,7 @@ impl Rotation {
                     .with_context(|| format!("reading {}", self.state.bundle.display()))?,
             ),
             Some(&client),
+            true,
         );
         let behind: Vec<String> = seen
             .proxies
@@ -884,7 +893,7 @@ impl Rotation {
             Some(&bundle),
             Some(&client),
             &|p| p.trusts_exactly(&only) && p.issuer.as_deref() == Some(issuer.as_str()),
-            &|s| s.error.is_none() && s.chain_error.is_none() && s.issuer.as_deref() == Some(issuer.as_str()),
+            Some(&|s| s.error.is_none() && s.chain_error.is_none() && s.issuer.as_deref() == Some(issuer.as_str())),
         )
     }
 }

@@ -731,6 +731,8 @@ fn identity_outage_longer_than_a_renewal_keeps_proxies_serving_and_they_recover(
     // point, and the certificates stay valid 150 s after issue, which leaves
     // room for the 30 s backoff cap once the service is back.
     let mut mesh = Mesh::start("rot-outage");
+    // SIGTERM ends the WatchIssuer streams (the destination service holds
+    // one), so the service stops at once instead of after its 30 s grace.
     assert!(
         mesh.identity.terminate(Duration::from_secs(10)).is_some(),
         "identity did not stop"
