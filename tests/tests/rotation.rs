@@ -351,17 +351,16 @@ fn leaf_files(dir: &Path, name: &str, root: &str, issuer: &PemPair, id: &str) ->
     (cert.display().to_string(), keyf.display().to_string())
 }
 
-/// An mTLS handshake with the server proxy's inbound side from an outside
-/// Pod, offering the mesh ALPN with `cert`: true when it was accepted (the
+/// An mTLS handshake with `connect` (`ip:port`) from an outside Pod,
+/// offering `alpn` and presenting `cert`: true when it was accepted (the
 /// connection stays open until `timeout` ends it, no alert).
-fn mesh_handshake_accepted(pod: &Pod, server: &Workload, cert: &str, key: &str) -> (bool, String) {
-    let connect = format!("{}:8080", server.ip());
+fn handshake_accepted(pod: &Pod, connect: &str, alpn: &str, cert: &str, key: &str) -> (bool, String) {
     let out = pod.run(
         "bash",
         &[
             "-c",
             &format!(
-                "printf 'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n' | timeout 4 openssl s_client -connect {connect} -alpn sidemesh.h2 -cert {cert} -cert_chain {cert} -key {key} -tls1_3 -quiet 2>&1; true"
+                "printf 'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n' | timeout 4 openssl s_client -connect {connect} -alpn {alpn} -cert {cert} -cert_chain {cert} -key {key} -tls1_3 -quiet 2>&1; true"
             ),
         ],
         T,
@@ -527,15 +526,27 @@ fn root_rotation_under_load_fails_no_request_and_restarts_nothing() {
     std::fs::create_dir_all(&dir).expect("dir");
     let id = "spiffe://cluster.local/ns/default/sa/outsider";
     let (cert, key) = leaf_files(&dir, "a", &a_root, &rig.mesh.pki.issuer, id);
-    let (accepted, text) = mesh_handshake_accepted(&outsider, &rig.server, &cert, &key);
-    assert!(!accepted, "an A-chain certificate is still accepted: {text}");
+    let inbound = format!("{}:8080", rig.server.ip());
+    let destination = rig.mesh.destination_addr();
+    let (accepted, text) = handshake_accepted(&outsider, &inbound, "sidemesh.h2", &cert, &key);
+    assert!(!accepted, "an A-chain certificate is still accepted by a proxy: {text}");
+    let (accepted, text) = handshake_accepted(&outsider, &destination, "h2", &cert, &key);
+    assert!(
+        !accepted,
+        "an A-chain certificate is still accepted by the destination service: {text}"
+    );
     let b_pair = PemPair {
         cert: std::fs::read_to_string(state_dir.join("new-issuer.crt")).expect("issuer"),
         key: std::fs::read_to_string(state_dir.join("new-issuer.key")).expect("key"),
     };
     let (cert, key) = leaf_files(&dir, "b", &b_root, &b_pair, id);
-    let (accepted, text) = mesh_handshake_accepted(&outsider, &rig.server, &cert, &key);
-    assert!(accepted, "a B-chain certificate is refused: {text}");
+    let (accepted, text) = handshake_accepted(&outsider, &inbound, "sidemesh.h2", &cert, &key);
+    assert!(accepted, "a B-chain certificate is refused by a proxy: {text}");
+    let (accepted, text) = handshake_accepted(&outsider, &destination, "h2", &cert, &key);
+    assert!(
+        accepted,
+        "a B-chain certificate is refused by the destination service: {text}"
+    );
 
     // A re-run after the end changes nothing and still passes.
     let third = rotate(&[]);
