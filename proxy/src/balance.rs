@@ -146,8 +146,9 @@ impl Balancer {
         })
     }
 
-    /// Records an attempt's outcome: latency and success or failure.
-    pub fn done(&self, pick: Pick, success: bool) {
+    /// Records an attempt's outcome: latency and success or failure. True
+    /// when this failure ejected the endpoint (for the ejection counter).
+    pub fn done(&self, pick: Pick, success: bool) -> bool {
         let now = Instant::now();
         let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         let s = stats.entry(pick.addr).or_insert_with(|| Stats::new(now));
@@ -157,7 +158,7 @@ impl Balancer {
             s.consecutive_failures = 0;
             s.ejections = 0;
             s.ejected_until = None;
-            return;
+            return false;
         }
         s.consecutive_failures += 1;
         // Once ejected, a single failed probe ejects again.
@@ -167,7 +168,9 @@ impl Balancer {
             s.ejections += 1;
             s.ejected_until = Some(now + ejection);
             tracing::info!(endpoint = %pick.addr, ?ejection, "endpoint ejected after consecutive failures");
+            return true;
         }
+        false
     }
 
     /// Whether `addr` is ejected now.

@@ -22,6 +22,16 @@ pub enum InboundPolicy {
     Strict,
 }
 
+/// Whether the data plane records metrics and spans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TelemetryMode {
+    /// Request, TCP, TLS and retry metrics, and spans when exported (the default).
+    On,
+    /// Nothing recorded on the data path (a baseline for measuring telemetry's cost);
+    /// process and certificate gauges are still served.
+    Off,
+}
+
 /// `sidemesh-proxy run` settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProxyArgs {
@@ -61,6 +71,12 @@ pub struct ProxyArgs {
     /// How long to wait for a client's first bytes before treating the connection as opaque.
     #[arg(long, env = "SIDEMESH_DETECT_TIMEOUT", default_value = "500ms", value_parser = parse_duration)]
     pub detect_timeout: Duration,
+    /// `on` or `off`: data-plane metrics and spans.
+    #[arg(long, env = "SIDEMESH_TELEMETRY", value_enum, default_value = "on")]
+    pub telemetry: TelemetryMode,
+    /// A counter or histogram series that has not changed for this long leaves `/metrics` (0s: never).
+    #[arg(long, env = "SIDEMESH_METRICS_IDLE_EXPIRY", default_value = "10m", value_parser = parse_duration)]
+    pub metrics_idle_expiry: Duration,
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {

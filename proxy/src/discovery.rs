@@ -86,6 +86,19 @@ impl Discovery {
         Self { inner: Some(inner) }
     }
 
+    /// Whether a destination service is configured.
+    pub fn enabled(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// How many original destinations are followed.
+    pub fn targets(&self) -> usize {
+        self.inner
+            .as_ref()
+            .and_then(|i| i.targets.lock().ok().map(|t| t.len()))
+            .unwrap_or(0)
+    }
+
     /// Whether the stream to the destination service is up.
     pub fn connected(&self) -> bool {
         self.inner.as_ref().is_some_and(|i| *i.connected.borrow())

@@ -14,6 +14,13 @@ pub const ORIG_PROTO: HeaderName = HeaderName::from_static("sidemesh-orig-proto"
 /// peers (and removed from anything else, so it cannot be forged).
 pub const CLIENT_ID: HeaderName = HeaderName::from_static("sidemesh-client-id");
 
+/// The route attributes of a request (`<service> <route> <backend>`, `-`
+/// for none), sent by the client proxy over the mesh hop so that the server
+/// proxy's metrics carry them too; removed before the application sees the
+/// request, and from anything an application sends (it is metadata between
+/// proxies, like Istio's peer metadata).
+pub const ROUTE_LABELS: HeaderName = HeaderName::from_static("sidemesh-route");
+
 /// Body of requests and responses: streamed from the peer, or held whole
 /// (a response the proxy made, or a request buffered so it can be retried).
 pub type Body = Either<Incoming, Full<Bytes>>;

@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use http::{Request, Response, StatusCode};
 use http_body_util::Either;
@@ -19,7 +20,11 @@ use crate::Proxy;
 use crate::config::InboundPolicy;
 use crate::detect::{self, Protocol};
 use crate::http::{self as h, Body};
+use crate::telemetry::{self, Counted, Direction, InboundConn, RouteLabels, method_name};
 use crate::tls::{ALPN_HTTP, ALPN_TCP};
+
+/// The peer's side of a connection, its bytes counted.
+type Downstream = Counted<TcpStream>;
 
 /// Accepts on the inbound listener until draining starts.
 pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
@@ -37,8 +42,10 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
         };
         let proxy = proxy.clone();
         let guard = proxy.drain.guard();
+        let conn = proxy.telemetry.conn_opened(Direction::Inbound);
         tokio::spawn(async move {
             let _guard = guard;
+            let _conn = conn;
             if let Err(e) = handle(&proxy, stream, peer).await {
                 tracing::debug!(%peer, error = %e, "inbound connection");
             }
@@ -86,12 +93,15 @@ async fn handle(proxy: &Arc<Proxy>, stream: TcpStream, peer: SocketAddr) -> anyh
     let protocol = if proxy.opaque_ports.contains(&orig.port()) && proxy.pool.is_none() {
         Protocol::Opaque
     } else {
-        detect::detect(&stream, proxy.detect_timeout).await?
+        let detected = detect::detect(&stream, proxy.detect_timeout).await?;
+        proxy.telemetry.detected(Direction::Inbound, detected);
+        detected
     };
     let mesh = match (&protocol, &proxy.pool) {
         (Protocol::Tls, Some(_)) => is_mesh_hello(&stream, proxy).await,
         _ => false,
     };
+    let stream = proxy.telemetry.counted(stream, Direction::Inbound);
     if mesh {
         return serve_mesh(proxy, stream, peer, app).await;
     }
@@ -110,12 +120,17 @@ async fn handle(proxy: &Arc<Proxy>, stream: TcpStream, peer: SocketAddr) -> anyh
     Ok(())
 }
 
-async fn serve_plain_http(proxy: &Arc<Proxy>, stream: TcpStream, app: SocketAddr) -> anyhow::Result<()> {
+async fn serve_plain_http(proxy: &Arc<Proxy>, stream: Downstream, app: SocketAddr) -> anyhow::Result<()> {
     let svc_proxy = proxy.clone();
     let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let proxy = svc_proxy.clone();
         async move {
+            let started = Instant::now();
+            let method = method_name(req.method());
+            // Nobody vouches for a plaintext peer: no identity, no route labels.
             req.headers_mut().remove(h::CLIENT_ID);
+            req.headers_mut().remove(h::ROUTE_LABELS);
+            let span = proxy.telemetry.server_span(req.headers_mut(), method);
             let rsp = match h::to_plain(&mut req, &app.to_string()) {
                 Ok(()) => match proxy
                     .plain
@@ -131,6 +146,10 @@ async fn serve_plain_http(proxy: &Arc<Proxy>, stream: TcpStream, app: SocketAddr
                 },
                 Err(_) => h::respond(StatusCode::BAD_REQUEST, "sidemesh: malformed request\n"),
             };
+            let none = RouteLabels::none();
+            proxy
+                .telemetry
+                .server_done(started, method, rsp.status(), None, &none, span);
             Ok::<_, std::convert::Infallible>(rsp)
         }
     });
@@ -147,14 +166,16 @@ async fn serve_plain_http(proxy: &Arc<Proxy>, stream: TcpStream, app: SocketAddr
     Ok(())
 }
 
-async fn serve_mesh(proxy: &Arc<Proxy>, stream: TcpStream, peer: SocketAddr, app: SocketAddr) -> anyhow::Result<()> {
+async fn serve_mesh(proxy: &Arc<Proxy>, stream: Downstream, peer: SocketAddr, app: SocketAddr) -> anyhow::Result<()> {
     let Some(pool) = &proxy.pool else {
         anyhow::bail!("no mesh identity");
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(pool.tls().server());
-    let mut tls = tokio::time::timeout(crate::pool::CONNECT_TIMEOUT, acceptor.accept(stream))
-        .await
-        .map_err(|_| anyhow::anyhow!("mTLS handshake from {peer} timed out"))??;
+    let accepted = tokio::time::timeout(crate::pool::CONNECT_TIMEOUT, acceptor.accept(stream)).await;
+    proxy
+        .telemetry
+        .handshake(Direction::Inbound, matches!(accepted, Ok(Ok(_))));
+    let mut tls = accepted.map_err(|_| anyhow::anyhow!("mTLS handshake from {peer} timed out"))??;
     let (_, conn) = tls.get_ref();
     let client_id = conn
         .peer_certificates()
@@ -171,11 +192,18 @@ async fn serve_mesh(proxy: &Arc<Proxy>, stream: TcpStream, peer: SocketAddr, app
         return Ok(());
     }
     let svc_proxy = proxy.clone();
+    let conn = Arc::new(InboundConn::new(
+        proxy
+            .telemetry
+            .enabled()
+            .then(|| telemetry::workload("source_workload", &client_id.to_string())),
+    ));
     let client_id = Arc::new(client_id);
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let proxy = svc_proxy.clone();
         let client_id = client_id.clone();
-        async move { Ok::<_, std::convert::Infallible>(to_app(&proxy, app, &client_id, req).await) }
+        let conn = conn.clone();
+        async move { Ok::<_, std::convert::Infallible>(to_app(&proxy, app, &client_id, &conn, req).await) }
     });
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(hyper_util::rt::TokioTimer::new())
@@ -195,7 +223,29 @@ async fn serve_mesh(proxy: &Arc<Proxy>, stream: TcpStream, peer: SocketAddr, app
     Ok(())
 }
 
-async fn to_app(proxy: &Proxy, app: SocketAddr, client_id: &SpiffeId, mut req: Request<Incoming>) -> Response<Body> {
+/// A request from a peer proxy, delivered to the application and measured.
+async fn to_app(
+    proxy: &Proxy,
+    app: SocketAddr,
+    client_id: &SpiffeId,
+    conn: &InboundConn,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let started = Instant::now();
+    let method = method_name(req.method());
+    let labels = match req.headers_mut().remove(h::ROUTE_LABELS) {
+        Some(v) if proxy.telemetry.enabled() => conn.labels(Some(v)),
+        _ => RouteLabels::none(),
+    };
+    let span = proxy.telemetry.server_span(req.headers_mut(), method);
+    let rsp = deliver(proxy, app, client_id, req).await;
+    proxy
+        .telemetry
+        .server_done(started, method, rsp.status(), conn.source.as_ref(), &labels, span);
+    rsp
+}
+
+async fn deliver(proxy: &Proxy, app: SocketAddr, client_id: &SpiffeId, mut req: Request<Incoming>) -> Response<Body> {
     let version = match h::to_app(&mut req, &app.to_string()) {
         Ok(v) => v,
         Err(e) => {

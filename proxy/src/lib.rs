@@ -14,6 +14,7 @@
 //! - [`inbound`]: connections in, mTLS terminated, delivered to the application;
 //! - [`http`]: request rewriting between HTTP/1, HTTP/2 and the mesh hop;
 //! - [`identity_metrics`]: certificate and trust-bundle gauges;
+//! - [`telemetry`]: request, retry, TCP and TLS metrics, and spans;
 //! - [`admin`]: `/ready`, `/live`, `/metrics`, `/debug/state`, `POST /shutdown`;
 //! - [`drain`]: graceful shutdown.
 #![forbid(unsafe_code)]
@@ -36,6 +37,7 @@ pub mod pool;
 pub mod retry;
 pub mod run;
 pub mod socket;
+pub mod telemetry;
 pub mod tls;
 
 use std::collections::BTreeSet;
@@ -69,6 +71,8 @@ pub struct Proxy {
     pub detect_timeout: Duration,
     /// Graceful shutdown.
     pub drain: drain::Drain,
+    /// Metrics and spans.
+    pub telemetry: std::sync::Arc<telemetry::ProxyTelemetry>,
 }
 
 pub use run::run;

@@ -7,9 +7,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures::FutureExt as _;
-use http::{Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Either};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -22,8 +23,12 @@ use crate::Proxy;
 use crate::detect::{self, Protocol};
 use crate::discovery::Resolution;
 use crate::http::{self as h, Body};
-use crate::policy::{Rule, ServicePolicy, split};
+use crate::policy::{BackendEndpoints, Rule, ServicePolicy, split};
 use crate::retry::MAX_RETRY_BODY;
+use crate::telemetry::{self, Counted, Direction, Outcome, RouteLabels, TimeoutKind, method_name};
+
+/// The application's side of a connection, its bytes counted.
+type Downstream = Counted<TcpStream>;
 
 /// Accepts on the outbound listener until draining starts.
 pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
@@ -41,8 +46,10 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
         };
         let proxy = proxy.clone();
         let guard = proxy.drain.guard();
+        let conn = proxy.telemetry.conn_opened(Direction::Outbound);
         tokio::spawn(async move {
             let _guard = guard;
+            let _conn = conn;
             if let Err(e) = handle(&proxy, stream, peer).await {
                 tracing::debug!(%peer, error = %e, "outbound connection");
             }
@@ -72,10 +79,10 @@ fn endpoint_target(proxy: &Proxy, ep: &pb::Endpoint) -> Option<Target> {
 
 /// The backend of a Service for a whole TCP connection: the first rule's
 /// weighted split (HTTPRoute matches are HTTP-only), else the Service itself.
-fn tcp_backend(policy: &ServicePolicy) -> Option<&str> {
+fn tcp_backend(policy: &ServicePolicy) -> Option<(&str, &Arc<RouteLabels>)> {
     match policy.rules.first() {
-        Some(rule) => split(&rule.backends),
-        None => Some(&policy.default_key),
+        Some(rule) => split(&rule.backends).map(|b| (b.key.as_str(), &b.labels)),
+        None => Some((&policy.default_key, &policy.default_labels)),
     }
 }
 
@@ -98,9 +105,12 @@ async fn handle(proxy: &Arc<Proxy>, stream: TcpStream, peer: SocketAddr) -> anyh
     let protocol = if is_opaque(proxy, orig, &resolution) {
         Protocol::Opaque
     } else {
-        detect::detect(&stream, proxy.detect_timeout).await?
+        let detected = detect::detect(&stream, proxy.detect_timeout).await?;
+        proxy.telemetry.detected(Direction::Outbound, detected);
+        detected
     };
     tracing::debug!(%peer, %orig, ?protocol, "outbound");
+    let stream = proxy.telemetry.counted(stream, Direction::Outbound);
     match protocol {
         Protocol::Http1 | Protocol::Http2 => serve_http(proxy.clone(), stream, orig).await,
         Protocol::Opaque | Protocol::Tls => forward_tcp(proxy, stream, orig, &resolution).await,
@@ -109,7 +119,7 @@ async fn handle(proxy: &Arc<Proxy>, stream: TcpStream, peer: SocketAddr) -> anyh
 
 async fn forward_tcp(
     proxy: &Proxy,
-    mut stream: TcpStream,
+    mut stream: Downstream,
     orig: SocketAddr,
     resolution: &Resolution,
 ) -> anyhow::Result<()> {
@@ -129,7 +139,8 @@ async fn forward_tcp(
             None,
         ),
         Resolution::Service(policy) => {
-            let key = tcp_backend(policy).ok_or_else(|| anyhow::anyhow!("{orig}: every backend has weight 0"))?;
+            let (key, labels) =
+                tcp_backend(policy).ok_or_else(|| anyhow::anyhow!("{orig}: every backend has weight 0"))?;
             let endpoints = policy.endpoints(key);
             let pick = proxy
                 .balancer
@@ -137,31 +148,40 @@ async fn forward_tcp(
                 .ok_or_else(|| anyhow::anyhow!("{orig}: backend {key} has no endpoint"))?;
             let target = endpoint_target(proxy, &endpoints[pick.index])
                 .ok_or_else(|| anyhow::anyhow!("{orig}: endpoint address unusable"))?;
-            (target, Some(pick))
+            (target, Some((pick, labels)))
         }
     };
     let connected = match (&target.identity, &proxy.pool) {
-        (Some(id), Some(pool)) => crate::pool::connect_mesh_tcp(pool.tls(), target.addr, id)
+        (Some(id), Some(pool)) => crate::pool::connect_mesh_tcp(pool.tls(), target.addr, id, &proxy.telemetry)
             .await
             .map(|mut upstream| async move { tokio::io::copy_bidirectional(&mut stream, &mut upstream).await }.boxed()),
         _ => crate::pool::connect_tcp(target.addr)
             .await
             .map(|mut upstream| async move { tokio::io::copy_bidirectional(&mut stream, &mut upstream).await }.boxed()),
     };
-    if let Some(pick) = pick {
-        proxy.balancer.done(pick, connected.is_ok());
+    if let Some((pick, labels)) = pick
+        && proxy.balancer.done(pick, connected.is_ok())
+    {
+        proxy.telemetry.ejection(labels);
     }
     connected?.await?;
     Ok(())
 }
 
-async fn serve_http(proxy: Arc<Proxy>, stream: TcpStream, orig: SocketAddr) -> anyhow::Result<()> {
+async fn serve_http(proxy: Arc<Proxy>, stream: Downstream, orig: SocketAddr) -> anyhow::Result<()> {
     let resolution = proxy.discovery.subscribe(orig);
     let svc_proxy = proxy.clone();
-    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let proxy = svc_proxy.clone();
         let current = resolution.borrow().clone().unwrap_or(Resolution::Unknown);
-        async move { Ok::<_, std::convert::Infallible>(route(&proxy, orig, &current, req).await) }
+        async move {
+            let started = Instant::now();
+            let mut outcome = Outcome::new(method_name(req.method()));
+            let span = proxy.telemetry.client_span(req.headers_mut(), outcome.method);
+            let rsp = route(&proxy, orig, &current, req, &mut outcome).await;
+            proxy.telemetry.client_done(started, rsp.status(), &outcome, span);
+            Ok::<_, std::convert::Infallible>(rsp)
+        }
     });
     let builder = auto::Builder::new(TokioExecutor::new());
     let conn = builder.serve_connection(TokioIo::new(stream), svc);
@@ -198,6 +218,15 @@ impl std::fmt::Display for AttemptError {
 }
 
 impl AttemptError {
+    /// The status of [`AttemptError::response`].
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::Connection(_) => StatusCode::BAD_GATEWAY,
+            Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::Malformed => StatusCode::BAD_REQUEST,
+        }
+    }
+
     fn response(&self) -> Response<Body> {
         match self {
             Self::Connection(_) => h::respond(StatusCode::BAD_GATEWAY, "sidemesh: cannot reach the endpoint\n"),
@@ -210,16 +239,21 @@ impl AttemptError {
     }
 }
 
-/// Sends one request to `target` (over the mesh when it is meshed).
+/// Sends one request to `target` (over the mesh when it is meshed, with the
+/// route's labels for the server proxy's metrics).
 async fn send(
     proxy: &Proxy,
     target: &Target,
     orig: SocketAddr,
     mut req: Request<Body>,
+    route_labels: Option<&HeaderValue>,
 ) -> Result<Response<Incoming>, AttemptError> {
     match (&target.identity, &proxy.pool) {
         (Some(id), Some(pool)) => {
             h::to_mesh(&mut req, &orig.to_string()).map_err(|_| AttemptError::Malformed)?;
+            if let Some(v) = route_labels {
+                req.headers_mut().insert(h::ROUTE_LABELS, v.clone());
+            }
             let mut sender = pool
                 .get(target.addr, id)
                 .await
@@ -240,23 +274,41 @@ async fn send(
     }
 }
 
-/// Sends one request to an endpoint of its destination.
-async fn route(proxy: &Proxy, orig: SocketAddr, resolution: &Resolution, mut req: Request<Incoming>) -> Response<Body> {
-    // Only the inbound proxy may say who the client is.
+/// Sends one request to an endpoint of its destination; what it learns on
+/// the way (route, endpoint identity, mTLS) goes into `outcome`.
+async fn route(
+    proxy: &Proxy,
+    orig: SocketAddr,
+    resolution: &Resolution,
+    mut req: Request<Incoming>,
+    outcome: &mut Outcome,
+) -> Response<Body> {
+    // Only the inbound proxy may say who the client is, and only proxies label routes.
     req.headers_mut().remove(h::CLIENT_ID);
+    req.headers_mut().remove(h::ROUTE_LABELS);
     let target = match resolution {
-        Resolution::Service(policy) => return call_service(proxy, orig, policy, req).await,
-        Resolution::Pod(ep) => endpoint_target(proxy, ep),
+        Resolution::Service(policy) => return call_service(proxy, orig, policy, req, outcome).await,
+        Resolution::Pod(ep) => {
+            if proxy.telemetry.enabled() && ep.meshed {
+                outcome.workload = Some(telemetry::workload("destination_workload", &ep.identity));
+            }
+            endpoint_target(proxy, ep)
+        }
         Resolution::Unknown => None,
     };
     let target = target.unwrap_or(Target {
         addr: orig,
         identity: None,
     });
-    match send(proxy, &target, orig, req.map(Either::Left)).await {
-        Ok(rsp) => rsp.map(Either::Left),
+    outcome.mtls = target.identity.is_some();
+    match send(proxy, &target, orig, req.map(Either::Left), None).await {
+        Ok(rsp) => {
+            proxy.telemetry.attempt(outcome, rsp.status().as_u16());
+            rsp.map(Either::Left)
+        }
         Err(e) => {
             tracing::debug!(addr = %target.addr, error = %e, "request failed");
+            proxy.telemetry.attempt(outcome, e.status().as_u16());
             e.response()
         }
     }
@@ -276,33 +328,47 @@ async fn call_service(
     orig: SocketAddr,
     policy: &ServicePolicy,
     req: Request<Incoming>,
+    outcome: &mut Outcome,
 ) -> Response<Body> {
     let rule = policy.select(&req);
-    let key = match rule {
+    let (key, labels) = match rule {
         Some(rule) => match split(&rule.backends) {
-            Some(key) => key,
+            Some(b) => (b.key.as_str(), &b.labels),
             // Gateway API: a rule whose backends all weigh 0 answers 500.
-            None => return h::respond(StatusCode::INTERNAL_SERVER_ERROR, "sidemesh: no backend has weight\n"),
+            None => {
+                outcome.labels = rule.labels.clone();
+                return h::respond(StatusCode::INTERNAL_SERVER_ERROR, "sidemesh: no backend has weight\n");
+            }
         },
-        None if policy.rules.is_empty() => policy.default_key.as_str(),
-        None => return h::respond(StatusCode::NOT_FOUND, "sidemesh: no route matches\n"),
+        None if policy.rules.is_empty() => (policy.default_key.as_str(), &policy.default_labels),
+        None => {
+            outcome.labels = policy.service_labels.clone();
+            return h::respond(StatusCode::NOT_FOUND, "sidemesh: no route matches\n");
+        }
     };
+    outcome.labels = labels.clone();
     if policy.unresolved.contains(key) {
-        return h::respond(StatusCode::INTERNAL_SERVER_ERROR, "sidemesh: the route's backend does not resolve\n");
+        return h::respond(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "sidemesh: the route's backend does not resolve\n",
+        );
     }
-    let endpoints = policy.endpoints(key);
-    if endpoints.is_empty() {
+    let Some(backend) = policy.backend(key).filter(|b| !b.endpoints.is_empty()) else {
         return h::respond(
             StatusCode::SERVICE_UNAVAILABLE,
             "sidemesh: the backend has no endpoint\n",
         );
-    }
+    };
     policy.budget.deposit();
-    let attempts = attempts(proxy, orig, policy, rule, endpoints, req);
+    let attempts = attempts(proxy, orig, policy, rule, backend, req, outcome);
     match rule.and_then(|r| r.request_timeout) {
-        Some(limit) => tokio::time::timeout(limit, attempts)
-            .await
-            .unwrap_or_else(|_| h::respond(StatusCode::GATEWAY_TIMEOUT, "sidemesh: request timeout\n")),
+        Some(limit) => match tokio::time::timeout(limit, attempts).await {
+            Ok(rsp) => rsp,
+            Err(_) => {
+                proxy.telemetry.timeout(TimeoutKind::Request, labels);
+                h::respond(StatusCode::GATEWAY_TIMEOUT, "sidemesh: request timeout\n")
+            }
+        },
         None => attempts.await,
     }
 }
@@ -312,9 +378,17 @@ async fn attempts(
     orig: SocketAddr,
     policy: &ServicePolicy,
     rule: Option<&Rule>,
-    endpoints: &[pb::Endpoint],
+    backend: &BackendEndpoints,
     req: Request<Incoming>,
+    outcome: &mut Outcome,
 ) -> Response<Body> {
+    let endpoints = backend.endpoints.as_slice();
+    // The route's labels travel with every attempt to the server proxy (when anything is recorded).
+    let route_header: Option<HeaderValue> = proxy
+        .telemetry
+        .enabled()
+        .then(|| outcome.labels.header().cloned())
+        .flatten();
     let retry = rule.and_then(|r| r.retry.as_ref());
     let backend_timeout = rule.and_then(|r| r.backend_timeout);
     let (parts, body) = req.into_parts();
@@ -341,6 +415,7 @@ async fn attempts(
             );
         };
         tried.push(pick.addr);
+        outcome.workload = backend.workloads.get(pick.index).cloned();
         let Some(target) = endpoint_target(proxy, &endpoints[pick.index]) else {
             proxy.balancer.done(pick, false);
             return h::respond(StatusCode::BAD_GATEWAY, "sidemesh: endpoint address unusable\n");
@@ -369,7 +444,8 @@ async fn attempts(
             proxy.balancer.done(pick, true);
             return h::respond(StatusCode::BAD_REQUEST, "sidemesh: malformed request\n");
         };
-        let sent = send(proxy, &target, orig, req);
+        outcome.mtls = target.identity.is_some();
+        let sent = send(proxy, &target, orig, req, route_header.as_ref());
         let result = match backend_timeout {
             Some(limit) => tokio::time::timeout(limit, sent)
                 .await
@@ -379,12 +455,21 @@ async fn attempts(
         let (response, retryable) = match result {
             Ok(rsp) => {
                 let code = rsp.status().as_u16();
-                proxy.balancer.done(pick, code < 500);
+                if proxy.balancer.done(pick, code < 500) {
+                    proxy.telemetry.ejection(&outcome.labels);
+                }
+                proxy.telemetry.attempt(outcome, code);
                 let retryable = retry.is_some_and(|r| r.codes.contains(&code));
                 (rsp.map(Either::Left), retryable)
             }
             Err(e) => {
-                proxy.balancer.done(pick, false);
+                if proxy.balancer.done(pick, false) {
+                    proxy.telemetry.ejection(&outcome.labels);
+                }
+                if matches!(e, AttemptError::Timeout) {
+                    proxy.telemetry.timeout(TimeoutKind::BackendRequest, &outcome.labels);
+                }
+                proxy.telemetry.attempt(outcome, e.status().as_u16());
                 tracing::debug!(addr = %target.addr, error = %e, attempt, "attempt failed");
                 let retryable = match &e {
                     AttemptError::Connection(_) => true,
@@ -400,8 +485,10 @@ async fn attempts(
         // When the budget is spent the original failure is returned.
         if !policy.budget.withdraw() {
             tracing::debug!(service = %policy.default_key, "retry budget exhausted");
+            proxy.telemetry.budget_exhausted(&outcome.labels);
             return response;
         }
+        proxy.telemetry.retry(&outcome.labels);
         drop(response);
         if let Some(r) = retry {
             tokio::time::sleep(crate::retry::backoff(r.backoff, attempt + 1)).await;

@@ -1,16 +1,19 @@
 //! A Service's traffic policy as the proxy applies it: the HTTPRoute rules
 //! the destination service sent, compiled once per update (regexes built,
-//! backends indexed), and matched per request by Gateway API precedence.
+//! backends indexed, metric attributes of every route and backend built),
+//! and matched per request by Gateway API precedence.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::Request;
+use opentelemetry::KeyValue;
 use regex::Regex;
 use sidemesh_proto::destination::v1::{self as pb, path_match};
 
 use crate::retry::Budget;
+use crate::telemetry::{self, RouteLabels};
 
 /// One compiled path matcher.
 #[derive(Debug)]
@@ -163,6 +166,17 @@ pub struct RetryPolicy {
     pub backoff: Duration,
 }
 
+/// One weighted backend of a rule.
+#[derive(Debug)]
+pub struct RuleBackend {
+    /// Key into [`ServicePolicy::backends`] (`namespace/name:port`).
+    pub key: String,
+    /// Weight in the split.
+    pub weight: u32,
+    /// Metric attributes of requests sent to it by this rule.
+    pub labels: Arc<RouteLabels>,
+}
+
 /// One compiled rule.
 #[derive(Debug)]
 pub struct Rule {
@@ -171,8 +185,10 @@ pub struct Rule {
     /// Rule index.
     pub index: u32,
     matches: Vec<Match>,
-    /// Weighted backends (keys into [`ServicePolicy::backends`]).
-    pub backends: Vec<(String, u32)>,
+    /// Weighted backends.
+    pub backends: Vec<RuleBackend>,
+    /// Metric attributes of the rule's requests that reach no backend.
+    pub labels: Arc<RouteLabels>,
     /// Whole-request timeout, retries included.
     pub request_timeout: Option<Duration>,
     /// Per-attempt timeout.
@@ -189,6 +205,15 @@ fn duration(d: &Option<prost_types::Duration>) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
 }
 
+/// A backend's endpoints and the `destination_workload` attribute of each.
+#[derive(Debug, Default)]
+pub struct BackendEndpoints {
+    /// As received.
+    pub endpoints: Vec<pb::Endpoint>,
+    /// Aligned with `endpoints`: the identity of a meshed endpoint, `""` otherwise.
+    pub workloads: Vec<KeyValue>,
+}
+
 /// A Service with its compiled routes.
 #[derive(Debug)]
 pub struct ServicePolicy {
@@ -197,9 +222,13 @@ pub struct ServicePolicy {
     /// Compiled rules, in the destination service's tie-break order.
     pub rules: Vec<Rule>,
     /// Endpoints by backend key, the Service's own under [`ServicePolicy::default_key`].
-    pub backends: HashMap<String, Vec<pb::Endpoint>>,
+    pub backends: HashMap<String, BackendEndpoints>,
     /// The key of the Service's own endpoints.
     pub default_key: String,
+    /// Metric attributes of requests to the Service without a route.
+    pub default_labels: Arc<RouteLabels>,
+    /// Metric attributes of requests that match no route (Service only).
+    pub service_labels: Arc<RouteLabels>,
     /// Backends whose reference does not resolve (answered 500, per Gateway API).
     pub unresolved: std::collections::HashSet<String>,
     /// Retry budget of the Service (shared across updates).
@@ -214,13 +243,29 @@ impl ServicePolicy {
             .as_ref()
             .map(|b| b.key.clone())
             .unwrap_or_else(|| format!("{}/{}:{}", service.namespace, service.name, service.port));
-        let mut backends: HashMap<String, Vec<pb::Endpoint>> = HashMap::new();
+        let service_name = format!("{}/{}", service.namespace, service.name);
+        // One attribute per distinct identity, shared by its endpoints.
+        let mut identities: HashMap<String, KeyValue> = HashMap::new();
+        let mut with_workloads = |endpoints: &[pb::Endpoint]| BackendEndpoints {
+            endpoints: endpoints.to_vec(),
+            workloads: endpoints
+                .iter()
+                .map(|e| {
+                    let id = if e.meshed { e.identity.as_str() } else { "" };
+                    identities
+                        .entry(id.to_owned())
+                        .or_insert_with(|| telemetry::workload("destination_workload", id))
+                        .clone()
+                })
+                .collect(),
+        };
+        let mut backends: HashMap<String, BackendEndpoints> = HashMap::new();
         if let Some(b) = &service.default_backend {
-            backends.insert(default_key.clone(), b.endpoints.clone());
+            backends.insert(default_key.clone(), with_workloads(&b.endpoints));
         }
         let mut unresolved = std::collections::HashSet::new();
         for b in &service.backends {
-            backends.insert(b.key.clone(), b.endpoints.clone());
+            backends.insert(b.key.clone(), with_workloads(&b.endpoints));
             if b.unresolved {
                 unresolved.insert(b.key.clone());
             }
@@ -245,7 +290,16 @@ impl ServicePolicy {
                 name: r.name.clone(),
                 index: r.rule,
                 matches,
-                backends: r.backends.iter().map(|b| (b.key.clone(), b.weight)).collect(),
+                backends: r
+                    .backends
+                    .iter()
+                    .map(|b| RuleBackend {
+                        key: b.key.clone(),
+                        weight: b.weight,
+                        labels: RouteLabels::new(&service_name, &r.name, &b.key),
+                    })
+                    .collect(),
+                labels: RouteLabels::new(&service_name, &r.name, ""),
                 request_timeout: duration(&r.request_timeout),
                 backend_timeout: duration(&r.backend_request_timeout),
                 retry: r.retry.as_ref().filter(|r| r.attempts > 1).map(|r| RetryPolicy {
@@ -256,6 +310,8 @@ impl ServicePolicy {
             });
         }
         Self {
+            default_labels: RouteLabels::new(&service_name, "", &default_key),
+            service_labels: RouteLabels::new(&service_name, "", ""),
             service,
             rules,
             backends,
@@ -285,21 +341,26 @@ impl ServicePolicy {
 
     /// Endpoints of a backend (empty for an unknown one).
     pub fn endpoints(&self, key: &str) -> &[pb::Endpoint] {
-        self.backends.get(key).map(Vec::as_slice).unwrap_or(&[])
+        self.backends.get(key).map(|b| b.endpoints.as_slice()).unwrap_or(&[])
+    }
+
+    /// A backend's endpoints with their workload attributes.
+    pub fn backend(&self, key: &str) -> Option<&BackendEndpoints> {
+        self.backends.get(key)
     }
 }
 
 /// Weighted choice of a backend (per request for HTTP, per connection for TCP).
-pub fn split<'a>(backends: &'a [(String, u32)]) -> Option<&'a str> {
-    let total: u64 = backends.iter().map(|(_, w)| u64::from(*w)).sum();
+pub fn split(backends: &[RuleBackend]) -> Option<&RuleBackend> {
+    let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
     if total == 0 {
         return None;
     }
     let mut pick = rand::random_range(0..total);
-    for (key, w) in backends {
-        let w = u64::from(*w);
+    for b in backends {
+        let w = u64::from(b.weight);
         if pick < w {
-            return Some(key);
+            return Some(b);
         }
         pick -= w;
     }
@@ -408,12 +469,30 @@ mod tests {
 
     #[test]
     fn split_follows_weights() {
-        let backends = vec![("a".to_owned(), 90), ("b".to_owned(), 10), ("z".to_owned(), 0)];
+        let b = |key: &str, weight| RuleBackend {
+            key: key.to_owned(),
+            weight,
+            labels: RouteLabels::none(),
+        };
+        let backends = vec![b("a", 90), b("b", 10), b("z", 0)];
+        let key = || split(&backends).map(|b| b.key.as_str());
         let n = 20_000;
-        let a = (0..n).filter(|_| split(&backends) == Some("a")).count();
+        let a = (0..n).filter(|_| key() == Some("a")).count();
         let share = a as f64 / n as f64;
         assert!((share - 0.9).abs() < 0.015, "{share}");
-        assert!((0..1000).all(|_| split(&backends) != Some("z")));
-        assert_eq!(split(&[("a".to_owned(), 0)]), None);
+        assert!((0..1000).all(|_| key() != Some("z")));
+        assert!(split(&[b("a", 0)]).is_none());
+    }
+
+    #[test]
+    fn labels_are_built_once_per_route_and_backend() {
+        let mut r = route("canary", 0, (path_match::Kind::Prefix as i32, "/"), "", 0);
+        r.name = "shop/canary".into();
+        let p = policy(vec![r]);
+        let rule = &p.rules[0];
+        let h = rule.backends[0].labels.header().expect("header");
+        assert_eq!(h, "ns/svc shop/canary ns/canary:80");
+        assert_eq!(p.default_labels.header().expect("header"), "ns/svc - ns/svc:80");
+        assert_eq!(p.service_labels.header().expect("header"), "ns/svc - -");
     }
 }

@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use crate::http::Body;
+use crate::telemetry::{Direction, ProxyTelemetry};
 use crate::tls::{ALPN_HTTP, ALPN_TCP, MeshTls};
 
 /// Bound on establishing a TCP connection upstream.
@@ -72,12 +73,14 @@ pub async fn connect_tcp(addr: SocketAddr) -> Result<TcpStream, ConnectError> {
     Ok(tcp)
 }
 
-/// An mTLS connection to a peer proxy that must present `peer`.
+/// An mTLS connection to a peer proxy that must present `peer`; the
+/// handshake's result is counted in `telemetry`.
 pub async fn connect_mesh(
     tls: &MeshTls,
     addr: SocketAddr,
     peer: &SpiffeId,
     alpn: &'static [u8],
+    telemetry: &ProxyTelemetry,
 ) -> Result<TlsStream<TcpStream>, ConnectError> {
     let tls_err = |reason: String| ConnectError::Tls {
         addr,
@@ -86,17 +89,22 @@ pub async fn connect_mesh(
     };
     let config = tls.client(peer, alpn).map_err(|e| tls_err(e.to_string()))?;
     let tcp = connect_tcp(addr).await?;
-    let stream = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        tokio_rustls::TlsConnector::from(config).connect(ServerName::IpAddress(addr.ip().into()), tcp),
-    )
-    .await
-    .map_err(|_| tls_err("handshake timed out".into()))?
-    .map_err(|e| tls_err(e.to_string()))?;
-    if stream.get_ref().1.alpn_protocol() != Some(alpn) {
-        return Err(tls_err("the peer is not a sidemesh proxy (no ALPN agreement)".into()));
-    }
-    Ok(stream)
+    let handshake = async {
+        let stream = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio_rustls::TlsConnector::from(config).connect(ServerName::IpAddress(addr.ip().into()), tcp),
+        )
+        .await
+        .map_err(|_| tls_err("handshake timed out".into()))?
+        .map_err(|e| tls_err(e.to_string()))?;
+        if stream.get_ref().1.alpn_protocol() != Some(alpn) {
+            return Err(tls_err("the peer is not a sidemesh proxy (no ALPN agreement)".into()));
+        }
+        Ok(stream)
+    };
+    let result = handshake.await;
+    telemetry.handshake(Direction::Outbound, result.is_ok());
+    result
 }
 
 /// An opaque stream to a peer proxy.
@@ -104,8 +112,9 @@ pub async fn connect_mesh_tcp(
     tls: &MeshTls,
     addr: SocketAddr,
     peer: &SpiffeId,
+    telemetry: &ProxyTelemetry,
 ) -> Result<TlsStream<TcpStream>, ConnectError> {
-    connect_mesh(tls, addr, peer, ALPN_TCP).await
+    connect_mesh(tls, addr, peer, ALPN_TCP, telemetry).await
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
@@ -115,14 +124,16 @@ type Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
 pub struct MeshPool {
     tls: Arc<MeshTls>,
     slots: Mutex<HashMap<(SocketAddr, SpiffeId), Slot>>,
+    telemetry: Arc<ProxyTelemetry>,
 }
 
 impl MeshPool {
-    /// An empty pool.
-    pub fn new(tls: Arc<MeshTls>) -> Self {
+    /// An empty pool; handshakes are counted in `telemetry`.
+    pub fn new(tls: Arc<MeshTls>, telemetry: Arc<ProxyTelemetry>) -> Self {
         Self {
             tls,
             slots: Mutex::default(),
+            telemetry,
         }
     }
 
@@ -148,7 +159,7 @@ impl MeshPool {
             }
             held = slot.lock().await;
         }
-        let stream = connect_mesh(&self.tls, addr, peer, ALPN_HTTP).await?;
+        let stream = connect_mesh(&self.tls, addr, peer, ALPN_HTTP, &self.telemetry).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))

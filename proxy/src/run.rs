@@ -10,10 +10,11 @@ use sidemesh_identity_client::{CertManager, SpiffeId};
 use sidemesh_telemetry::admin::Admin;
 use tokio::net::{TcpListener, TcpSocket};
 
-use crate::config::ProxyArgs;
+use crate::config::{ProxyArgs, TelemetryMode};
 use crate::discovery::Discovery;
 use crate::drain::Drain;
 use crate::pool::{MeshPool, PlainClients};
+use crate::telemetry::ProxyTelemetry;
 use crate::tls::MeshTls;
 use crate::{Proxy, inbound, outbound};
 
@@ -51,7 +52,10 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
 async fn run_async(args: ProxyArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     sidemesh_identity_client::install_crypto_provider();
-    let metrics = sidemesh_telemetry::Metrics::new("sidemesh-proxy")?;
+    let idle = (!args.metrics_idle_expiry.is_zero()).then_some(args.metrics_idle_expiry);
+    let metrics = sidemesh_telemetry::Metrics::builder("sidemesh-proxy")
+        .idle_expiry(idle)
+        .build()?;
 
     // Identity: without an identity service the proxy forwards plaintext only.
     let has_identity = args.identity.identity_addr.as_deref().is_some_and(|a| !a.is_empty());
@@ -67,6 +71,24 @@ async fn run_async(args: ProxyArgs) -> anyhow::Result<()> {
     };
 
     crate::identity_metrics::register(&metrics.meter("sidemesh-proxy"), certs.as_ref(), trust.as_ref());
+    let telemetry = Arc::new(match args.telemetry {
+        TelemetryMode::Off => {
+            tracing::info!("SIDEMESH_TELEMETRY=off: no data-plane metrics or spans");
+            ProxyTelemetry::off()
+        }
+        TelemetryMode::On => {
+            let identity = if has_identity {
+                args.identity.workload_id()?.to_string()
+            } else {
+                String::new()
+            };
+            ProxyTelemetry::new(
+                &metrics.meter("sidemesh-proxy"),
+                &identity,
+                sidemesh_telemetry::Traces::from_env("sidemesh-proxy")?,
+            )
+        }
+    });
 
     let discovery = match args.destination_addr.as_deref().filter(|a| !a.is_empty()) {
         None => Discovery::disabled(),
@@ -102,8 +124,9 @@ async fn run_async(args: ProxyArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.admin_addr))?;
 
+    telemetry.register_discovery(&metrics.meter("sidemesh-proxy"), discovery.clone());
     let proxy = Arc::new(Proxy {
-        pool: tls.map(MeshPool::new),
+        pool: tls.map(|tls| MeshPool::new(tls, telemetry.clone())),
         plain: PlainClients::new(),
         balancer: crate::balance::Balancer::default(),
         discovery,
@@ -114,9 +137,10 @@ async fn run_async(args: ProxyArgs) -> anyhow::Result<()> {
         inbound_policy: args.inbound_policy,
         detect_timeout: args.detect_timeout,
         drain: Drain::new(),
+        telemetry,
     });
 
-    let admin = Admin::new(metrics).with_routes(crate::admin::routes(proxy.clone()));
+    let admin = Admin::new(metrics.clone()).with_routes(crate::admin::routes(proxy.clone()));
     let admin_drain = proxy.drain.clone();
     let (admin_stop_tx, mut admin_stop) = tokio::sync::watch::channel(false);
     tokio::spawn(admin.clone().serve(admin_listener, async move {
@@ -152,5 +176,8 @@ async fn run_async(args: ProxyArgs) -> anyhow::Result<()> {
         );
     }
     let _ = admin_stop_tx.send(true);
+    // What was recorded up to the end leaves over OTLP (when configured).
+    proxy.telemetry.shutdown().await;
+    metrics.shutdown().await;
     Ok(())
 }
