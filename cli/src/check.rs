@@ -69,6 +69,22 @@ pub struct CheckArgs {
     /// Control-plane TLS servers (`host:port`, e.g. the identity and destination services) whose served chain is checked.
     #[arg(long, value_delimiter = ',')]
     pub tls_endpoints: Vec<String>,
+    /// Read the cluster (kubeconfig, or in-cluster): the bundle ConfigMap of every namespace, the issuer
+    /// Secret, and every injected Pod's `/debug/state` through the API server's Pod proxy.
+    #[arg(long)]
+    pub cluster: bool,
+    /// The control plane's namespace (with `--cluster`).
+    #[arg(long, default_value = "sidemesh-system")]
+    pub control_plane_namespace: String,
+    /// Name of the trust-bundle ConfigMaps (with `--cluster`; key `ca-bundle.crt`).
+    #[arg(long, default_value = "sidemesh-trust-bundle")]
+    pub bundle_configmap: String,
+    /// Name of the issuer Secret in the control plane's namespace (with `--cluster`).
+    #[arg(long, default_value = "sidemesh-issuer")]
+    pub issuer_secret: String,
+    /// The proxies' admin port (with `--cluster`).
+    #[arg(long, default_value_t = ADMIN_PORT)]
+    pub admin_port: u16,
     /// Bound on each request to a proxy or server.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
@@ -531,8 +547,8 @@ impl Report {
     }
 }
 
-fn check_bundle(report: &mut Report, path: &Path, bundle: &TrustBundle, threshold: Duration) {
-    report.line(format!("bundle {}: {} root(s)", path.display(), bundle.roots().len()));
+fn check_bundle(report: &mut Report, source: &str, bundle: &TrustBundle, threshold: Duration) {
+    report.line(format!("bundle {source}: {} root(s)", bundle.roots().len()));
     let mut roots = Vec::new();
     for root in bundle.roots() {
         let left = seconds_left(root.not_after);
@@ -568,23 +584,33 @@ fn check_bundle(report: &mut Report, path: &Path, bundle: &TrustBundle, threshol
     }
     report
         .json
-        .insert("bundle".into(), json!({ "path": path, "roots": roots }));
+        .insert("bundle".into(), json!({ "source": source, "roots": roots }));
+}
+
+/// The issuer as given: its certificate (and chain) and maybe its key, as PEM.
+struct IssuerInput {
+    source: String,
+    cert_pem: Vec<u8>,
+    key_pem: Option<Vec<u8>>,
 }
 
 fn check_issuer(
     report: &mut Report,
-    path: &Path,
-    key: Option<&Path>,
+    input: &IssuerInput,
     bundle: Option<&TrustBundle>,
     threshold: Duration,
 ) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let chain = read_certs(path)?;
-    let cert = parse(&chain[0]).with_context(|| path.display().to_string())?;
+    let source = &input.source;
+    let mut chain = Vec::new();
+    for c in CertificateDer::pem_slice_iter(&input.cert_pem) {
+        chain.push(c.with_context(|| format!("issuer {source}: not valid PEM"))?);
+    }
+    anyhow::ensure!(!chain.is_empty(), "issuer {source}: no CERTIFICATE block");
+    let cert = parse(&chain[0]).with_context(|| format!("issuer {source}"))?;
     let fp = fingerprint(&chain[0]);
     let left = seconds_left(not_after(&cert));
     report.line(format!(
-        "issuer {}: {} {} — expires in {}",
-        path.display(),
+        "issuer {source}: {} {} — expires in {}",
         short(Some(&fp)),
         cert.subject(),
         days(left)
@@ -616,16 +642,15 @@ fn check_issuer(
             )),
         }
     }
-    if let Some(key) = key {
-        let key_pem = std::fs::read(key).with_context(|| format!("reading {}", key.display()))?;
-        let cert_pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if let Some(key_pem) = &input.key_pem {
+        let cert_pem = &input.cert_pem;
         // With a bundle, the identity service's own acceptance test; without
         // one, the key match alone.
         let checked = match bundle {
-            Some(b) => sidemesh_identity::issuer::Issuer::from_pem(&cert_pem, &key_pem, b)
+            Some(b) => sidemesh_identity::issuer::Issuer::from_pem(cert_pem, key_pem, b)
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
-            None => rcgen::KeyPair::from_pem(&String::from_utf8_lossy(&key_pem))
+            None => rcgen::KeyPair::from_pem(&String::from_utf8_lossy(key_pem))
                 .map_err(|e| e.to_string())
                 .and_then(|k| {
                     if cert.public_key().subject_public_key.data.as_ref() == k.public_key_raw() {
@@ -643,7 +668,7 @@ fn check_issuer(
     report.json.insert(
         "issuer".into(),
         json!({
-            "path": path,
+            "source": source,
             "fingerprint": fp,
             "subject": cert.subject().to_string(),
             "not_after_unix": unix(not_after(&cert)),
@@ -868,35 +893,215 @@ pub fn judge_mesh(
     }
 }
 
+/// Key of the PEM roots in the trust-bundle ConfigMaps.
+const BUNDLE_KEY: &str = "ca-bundle.crt";
+
+/// What `--cluster` read from the API server.
+struct Cluster {
+    client: kube::Client,
+    /// Every trust-bundle ConfigMap: namespace and its `ca-bundle.crt`.
+    bundles: Vec<(String, Option<String>)>,
+    /// The issuer Secret's `tls.crt` and `tls.key`.
+    issuer: Option<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Injected, running Pods: namespace and name.
+    pods: Vec<(String, String)>,
+}
+
+async fn read_cluster(args: &CheckArgs) -> anyhow::Result<Cluster> {
+    use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+    use kube::api::{Api, ListParams};
+    let client = kube::Client::try_default()
+        .await
+        .context("--cluster: no usable kubeconfig or in-cluster configuration")?;
+    let maps: Api<ConfigMap> = Api::all(client.clone());
+    let listed = maps
+        .list(&ListParams::default().fields(&format!("metadata.name={}", args.bundle_configmap)))
+        .await
+        .with_context(|| format!("listing the {} ConfigMaps", args.bundle_configmap))?;
+    let mut bundles: Vec<(String, Option<String>)> = listed
+        .items
+        .into_iter()
+        .map(|cm| {
+            let ns = cm.metadata.namespace.unwrap_or_default();
+            let pem = cm.data.and_then(|mut d| d.remove(BUNDLE_KEY));
+            (ns, pem)
+        })
+        .collect();
+    bundles.sort();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &args.control_plane_namespace);
+    let issuer = match secrets.get_opt(&args.issuer_secret).await {
+        Ok(Some(secret)) => {
+            let mut data = secret.data.unwrap_or_default();
+            data.remove("tls.crt")
+                .map(|c| (c.0, data.remove("tls.key").map(|k| k.0)))
+        }
+        Ok(None) => None,
+        Err(e) => {
+            // Reading Secrets is often not allowed; the rest still says a lot.
+            tracing::warn!(error = %e, "reading the issuer Secret");
+            None
+        }
+    };
+    let pods: Api<Pod> = Api::all(client.clone());
+    let mut meshed = Vec::new();
+    for pod in pods.list(&ListParams::default()).await.context("listing Pods")?.items {
+        let injected = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key("sidemesh.io/injected"));
+        let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+        if injected && running {
+            meshed.push((
+                pod.metadata.namespace.unwrap_or_default(),
+                pod.metadata.name.unwrap_or_default(),
+            ));
+        }
+    }
+    meshed.sort();
+    Ok(Cluster {
+        client,
+        bundles,
+        issuer,
+        pods: meshed,
+    })
+}
+
+/// Reads each Pod's `/debug/state` through the API server's Pod proxy (the
+/// operator's machine rarely reaches Pod IPs), 16 at a time.
+async fn observe_cluster_proxies(cluster: &Cluster, port: u16, timeout: Duration) -> Vec<ProxyView> {
+    use futures::StreamExt as _;
+    let asks = cluster.pods.iter().map(|(ns, name)| {
+        let client = cluster.client.clone();
+        async move {
+            let endpoint = format!("{ns}/{name}");
+            let failed = |error: String| ProxyView {
+                endpoint: endpoint.clone(),
+                error: Some(error),
+                ..ProxyView::default()
+            };
+            let path = format!("/api/v1/namespaces/{ns}/pods/{name}:{port}/proxy/debug/state");
+            let request = match http::Request::get(path).body(Vec::new()) {
+                Ok(r) => r,
+                Err(e) => return failed(e.to_string()),
+            };
+            match tokio::time::timeout(timeout, client.request_text(request)).await {
+                Ok(Ok(text)) => parse_state(&endpoint, text.as_bytes()),
+                Ok(Err(e)) => failed(error_chain(&e)),
+                Err(_) => failed(format!("no answer within {timeout:?}")),
+            }
+        }
+    });
+    futures::stream::iter(asks).buffered(16).collect().await
+}
+
+/// Every namespace's copy of the bundle must hold the same roots.
+fn judge_distribution(report: &mut Report, cluster: &Cluster, reference: Option<&TrustBundle>) {
+    let Some(reference) = reference else {
+        return;
+    };
+    let want: BTreeSet<String> = reference.fingerprints().into_iter().collect();
+    let mut same = 0;
+    let mut each = Vec::new();
+    for (ns, pem) in &cluster.bundles {
+        let roots = pem
+            .as_deref()
+            .map(|p| TrustBundle::from_pem(p.as_bytes()).map(|b| b.fingerprints()));
+        match &roots {
+            Some(Ok(fps)) if fps.iter().cloned().collect::<BTreeSet<_>>() == want => same += 1,
+            Some(Ok(fps)) => report.problem(format!(
+                "namespace {ns}: its trust bundle holds [{}], not the bundle's [{}]",
+                fps.iter().map(|r| short(Some(r))).collect::<Vec<_>>().join(", "),
+                want.iter().map(|r| short(Some(r))).collect::<Vec<_>>().join(", ")
+            )),
+            Some(Err(e)) => report.problem(format!("namespace {ns}: its trust bundle is unusable: {e}")),
+            None => report.problem(format!("namespace {ns}: its trust bundle has no {BUNDLE_KEY}")),
+        }
+        each.push(json!({
+            "namespace": ns,
+            "roots": roots.and_then(Result::ok),
+        }));
+    }
+    report.line(format!(
+        "trust-bundle ConfigMaps: {same} of {} namespaces hold the bundle's roots",
+        cluster.bundles.len()
+    ));
+    report.json.insert(
+        "configmaps".into(),
+        json!({ "total": cluster.bundles.len(), "agreeing": same, "each": each }),
+    );
+}
+
 /// Runs the checks; `Ok(false)` when a problem was found.
 pub fn run(args: CheckArgs) -> anyhow::Result<bool> {
     anyhow::ensure!(
-        args.bundle.is_some()
+        args.cluster
+            || args.bundle.is_some()
             || args.issuer.is_some()
             || args.leaf.is_some()
             || !args.proxies.is_empty()
             || !args.tls_endpoints.is_empty(),
-        "nothing to check: give --bundle, --issuer, --leaf, --proxies or --tls-endpoints"
+        "nothing to check: give --bundle, --issuer, --leaf, --proxies, --tls-endpoints or --cluster"
     );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let cluster = if args.cluster {
+        Some(rt.block_on(read_cluster(&args))?)
+    } else {
+        None
+    };
     let mut report = Report::default();
-    let bundle = match &args.bundle {
-        Some(path) => {
+    let cp_bundle = cluster.as_ref().and_then(|c| {
+        c.bundles
+            .iter()
+            .find(|(ns, _)| *ns == args.control_plane_namespace)
+            .and_then(|(_, pem)| pem.clone())
+    });
+    let bundle = match (&args.bundle, cp_bundle) {
+        (Some(path), _) => {
             let b = TrustBundle::from_file(path).with_context(|| format!("--bundle {}", path.display()))?;
-            check_bundle(&mut report, path, &b, args.threshold);
+            check_bundle(&mut report, &path.display().to_string(), &b, args.threshold);
             Some(b)
         }
-        None => None,
+        (None, Some(pem)) => {
+            let source = format!("configmap {}/{}", args.control_plane_namespace, args.bundle_configmap);
+            let b = TrustBundle::from_pem(pem.as_bytes()).with_context(|| source.clone())?;
+            check_bundle(&mut report, &source, &b, args.threshold);
+            Some(b)
+        }
+        (None, None) => {
+            if cluster.is_some() {
+                report.problem(format!(
+                    "no ConfigMap {}/{} with {BUNDLE_KEY}",
+                    args.control_plane_namespace, args.bundle_configmap
+                ));
+            }
+            None
+        }
+    };
+    let issuer = match (&args.issuer, cluster.as_ref().and_then(|c| c.issuer.clone())) {
+        (Some(path), _) => Some(IssuerInput {
+            source: path.display().to_string(),
+            cert_pem: std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+            key_pem: args
+                .issuer_key
+                .as_ref()
+                .map(|k| std::fs::read(k).with_context(|| format!("reading {}", k.display())))
+                .transpose()?,
+        }),
+        (None, Some((cert_pem, key_pem))) => Some(IssuerInput {
+            source: format!("secret {}/{}", args.control_plane_namespace, args.issuer_secret),
+            cert_pem,
+            key_pem,
+        }),
+        (None, None) => None,
     };
     let mut issuer_fp = None;
-    let issuer_chain = match &args.issuer {
-        Some(path) => {
-            let chain = check_issuer(
-                &mut report,
-                path,
-                args.issuer_key.as_deref(),
-                bundle.as_ref(),
-                args.threshold,
-            )?;
+    let issuer_chain = match &issuer {
+        Some(input) => {
+            let chain = check_issuer(&mut report, input, bundle.as_ref(), args.threshold)?;
             issuer_fp = chain.first().map(|c| fingerprint(c));
             chain
         }
@@ -905,17 +1110,24 @@ pub fn run(args: CheckArgs) -> anyhow::Result<bool> {
     if let Some(path) = &args.leaf {
         check_leaf(&mut report, path, &issuer_chain, bundle.as_ref())?;
     }
-    if !args.proxies.is_empty() || !args.tls_endpoints.is_empty() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("starting the runtime")?;
-        let (proxies, servers) = rt.block_on(async {
+    if let Some(cluster) = &cluster {
+        judge_distribution(&mut report, cluster, bundle.as_ref());
+    }
+    if !args.proxies.is_empty() || !args.tls_endpoints.is_empty() || cluster.is_some() {
+        let (mut proxies, servers, in_cluster) = rt.block_on(async {
+            let in_cluster = async {
+                match &cluster {
+                    Some(c) => observe_cluster_proxies(c, args.admin_port, args.timeout).await,
+                    None => Vec::new(),
+                }
+            };
             tokio::join!(
                 observe_proxies(&args.proxies, args.timeout),
-                observe_servers(&args.tls_endpoints, bundle.as_ref(), args.timeout)
+                observe_servers(&args.tls_endpoints, bundle.as_ref(), args.timeout),
+                in_cluster
             )
         });
+        proxies.extend(in_cluster);
         judge_mesh(&mut report, &proxies, &servers, bundle.as_ref(), issuer_fp.as_deref());
     }
     let ok = report.problems.is_empty();

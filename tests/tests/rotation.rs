@@ -1029,3 +1029,195 @@ fn rotate_refuses_to_start_without_what_it_needs() {
     let published = TrustBundle::from_file(Path::new(&bundle)).expect("bundle");
     assert_eq!(published.roots().len(), 2, "A+B was published");
 }
+
+// ---- `sidemesh check --cluster` against a small fake API server ----
+
+/// Serves what `sidemesh check --cluster` reads: the bundle ConfigMaps, the
+/// issuer Secret, the Pod list, and each Pod's `/debug/state` through the
+/// Pod proxy subresource. The answers live in `state`; requested paths are
+/// recorded.
+struct FakeApi {
+    addr: std::net::SocketAddr,
+    state: std::sync::Arc<std::sync::Mutex<Value>>,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl FakeApi {
+    fn start(state: Value) -> Self {
+        use http_body_util::Full;
+        use hyper::body::Bytes;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let state = std::sync::Arc::new(std::sync::Mutex::new(state));
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (st, rq) = (state.clone(), requests.clone());
+        rt.spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (st, rq) = (st.clone(), rq.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let path = req.uri().path().to_owned();
+                        let full = req.uri().to_string();
+                        rq.lock().unwrap_or_else(|p| p.into_inner()).push(full);
+                        let state = st.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                        let (code, body) = fake_answer(&state, &path);
+                        async move {
+                            let mut rsp = hyper::Response::new(Full::new(Bytes::from(body.to_string())));
+                            *rsp.status_mut() = hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::OK);
+                            rsp.headers_mut().insert(
+                                hyper::header::CONTENT_TYPE,
+                                hyper::header::HeaderValue::from_static("application/json"),
+                            );
+                            Ok::<_, std::convert::Infallible>(rsp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            state,
+            requests,
+            _rt: rt,
+        }
+    }
+
+    fn kubeconfig(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("kubeconfig");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\nusers:\n- name: fake\n  user:\n    token: fake-token\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\ncurrent-context: fake\n",
+            self.addr
+        );
+        std::fs::write(&path, text).expect("kubeconfig");
+        path
+    }
+}
+
+fn fake_answer(state: &Value, path: &str) -> (u16, Value) {
+    let list = |kind: &str, items: &Value| json!({ "kind": kind, "apiVersion": "v1", "metadata": { "resourceVersion": "1" }, "items": items });
+    match path {
+        "/api/v1/configmaps" => (200, list("ConfigMapList", &state["configmaps"])),
+        "/api/v1/pods" => (200, list("PodList", &state["pods"])),
+        "/api/v1/namespaces/sidemesh-system/secrets/sidemesh-issuer" => (200, state["secret"].clone()),
+        _ => {
+            // /api/v1/namespaces/<ns>/pods/<name>:15020/proxy/debug/state
+            let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+            if let ["api", "v1", "namespaces", ns, "pods", pod, "proxy", "debug", "state"] = parts.as_slice()
+                && let Some(name) = pod.strip_suffix(":15020")
+                && let Some(doc) = state["states"].get(format!("{ns}/{name}"))
+            {
+                return (200, doc.clone());
+            }
+            (
+                404,
+                json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": format!("{path} not found") }),
+            )
+        }
+    }
+}
+
+fn b64(s: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+#[test]
+fn check_cluster_reads_configmaps_secret_and_proxies_through_the_api_server() {
+    let root_a = ca::new_root("cluster.local", 3650 * DAY).expect("root");
+    let root_b = ca::new_root("cluster.local", 3650 * DAY).expect("root");
+    let issuer = ca::new_issuer(&root_a.cert, &root_a.key, 365 * DAY).expect("issuer");
+    let (a, b, i) = (fp(&root_a.cert), fp(&root_b.cert), fp(&issuer.cert));
+    let cm = |ns: &str, pem: &str| json!({ "metadata": { "name": "sidemesh-trust-bundle", "namespace": ns }, "data": { "ca-bundle.crt": pem } });
+    let pod = |ns: &str, name: &str, injected: bool, phase: &str| {
+        let annotations = if injected {
+            json!({ "sidemesh.io/injected": "true" })
+        } else {
+            json!({})
+        };
+        json!({ "metadata": { "name": name, "namespace": ns, "annotations": annotations }, "status": { "phase": phase } })
+    };
+    let proxy_state = |sa: &str, roots: &[&str]| {
+        json!({
+            "identity": format!("spiffe://cluster.local/ns/x/sa/{sa}"),
+            "certificate": { "issuer_fingerprint": i, "root_fingerprint": a, "expiry_unix": 4_000_000_000u64 },
+            "trusted_roots": roots,
+        })
+    };
+    let api = FakeApi::start(json!({
+        "configmaps": [cm("sidemesh-system", &root_a.cert), cm("shop", &root_a.cert)],
+        "secret": { "kind": "Secret", "apiVersion": "v1", "metadata": { "name": "sidemesh-issuer", "namespace": "sidemesh-system" },
+                    "type": "kubernetes.io/tls", "data": { "tls.crt": b64(&issuer.cert), "tls.key": b64(&issuer.key) } },
+        "pods": [pod("shop", "web-1", true, "Running"), pod("default", "front-1", true, "Running"),
+                 pod("default", "plain", false, "Running"), pod("default", "starting", true, "Pending")],
+        "states": { "shop/web-1": proxy_state("web", &[&a]), "default/front-1": proxy_state("front", &[&a]) },
+    }));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = api.kubeconfig(dir.path());
+    let check = || {
+        let mut cmd = Command::new(binary("sidemesh"));
+        cmd.args(["check", "--cluster", "--output", "json", "--timeout", "5s"])
+            .env("KUBECONFIG", &kubeconfig)
+            .env("NO_COLOR", "1");
+        let out = run_bounded(&mut cmd, T).expect("sidemesh check --cluster");
+        let doc: Value = serde_json::from_str(&out.stdout).unwrap_or(Value::Null);
+        (out.success(), doc, format!("{}{}", out.stdout, out.stderr))
+    };
+
+    let (ok, doc, text) = check();
+    assert!(ok, "{text}");
+    assert_eq!(
+        doc["bundle"]["source"], "configmap sidemesh-system/sidemesh-trust-bundle",
+        "{text}"
+    );
+    assert_eq!(doc["issuer"]["fingerprint"], i.as_str(), "{text}");
+    assert_eq!(doc["configmaps"]["agreeing"], 2, "{text}");
+    assert_eq!(doc["proxies"]["total"], 2, "only running, injected Pods: {text}");
+    assert_eq!(doc["proxies"]["agreeing"], 2, "{text}");
+    let asked = api.requests.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert!(
+        asked
+            .iter()
+            .any(|p| p.starts_with("/api/v1/namespaces/shop/pods/web-1:15020/proxy/debug/state")),
+        "{asked:?}"
+    );
+
+    // Mid-rotation, half done: one namespace and one proxy already have A+B.
+    let both = format!("{}{}", root_a.cert, root_b.cert);
+    {
+        let mut st = api.state.lock().unwrap_or_else(|p| p.into_inner());
+        st["configmaps"] = json!([cm("sidemesh-system", &root_a.cert), cm("shop", &both)]);
+        st["states"]["shop/web-1"] = proxy_state("web", &[&a, &b]);
+    }
+    let (ok, doc, text) = check();
+    assert!(!ok, "{text}");
+    assert_eq!(doc["configmaps"]["agreeing"], 1, "{text}");
+    assert_eq!(doc["proxies"]["agreeing"], 1, "{text}");
+    assert_eq!(doc["proxies"]["trusted_roots"][b.as_str()], 1, "{text}");
+    let problems = doc["problems"].to_string();
+    assert!(
+        problems.contains("namespace shop") && problems.contains("shop/web-1"),
+        "{text}"
+    );
+
+    // A Pod whose proxy does not answer is a problem, not a hang.
+    {
+        let mut st = api.state.lock().unwrap_or_else(|p| p.into_inner());
+        st["configmaps"] = json!([cm("sidemesh-system", &root_a.cert), cm("shop", &root_a.cert)]);
+        st["states"] = json!({ "shop/web-1": proxy_state("web", &[&a]) });
+    }
+    let (ok, doc, text) = check();
+    assert!(!ok, "{text}");
+    assert!(doc["problems"].to_string().contains("default/front-1"), "{text}");
+}
