@@ -1621,3 +1621,43 @@ fn kustomization_builds_and_validates() {
     assert_eq!(docs.len(), 20);
     validate(dir.path(), "kustomize", &docs);
 }
+
+/// The API server speaks HTTP/2 to webhooks when ALPN offers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reviews_over_http2() {
+    use http_body_util::BodyExt as _;
+    let env = Env::start().await;
+    let config = sidemesh_tests::webhook::tls_config(&env.webhook.ca_cert, &[b"h2"]).expect("tls");
+    let tcp = tokio::net::TcpStream::connect(env.addr).await.expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(
+            rustls_pki_types::ServerName::try_from(SERVER_NAME.to_owned()).expect("name"),
+            tcp,
+        )
+        .await
+        .expect("TLS");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tls))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    // Several reviews multiplexed on the one connection.
+    let mut calls = Vec::new();
+    for i in 0..8 {
+        let body = serde_json::to_vec(&pod_review(&format!("uid-{i}"), "apps", &pod("web", &[]))).expect("json");
+        let req = http::Request::post(format!("https://{SERVER_NAME}/inject"))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .expect("request");
+        calls.push(sender.send_request(req));
+    }
+    for (i, call) in calls.into_iter().enumerate() {
+        let rsp = call.await.expect("response");
+        assert_eq!(rsp.status(), 200);
+        let body = rsp.into_body().collect().await.expect("body").to_bytes();
+        let answer: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(answer["response"]["uid"], format!("uid-{i}"));
+        assert_eq!(answer["response"]["patchType"], "JSONPatch");
+    }
+}
