@@ -59,9 +59,10 @@ pub struct ProxyArgs {
     /// Extra ports proxied as plain TCP without protocol detection (comma list).
     #[arg(long, env = "SIDEMESH_OPAQUE_PORTS", value_delimiter = ',', value_parser = parse_port)]
     pub opaque_ports: Vec<u16>,
-    /// Where inbound traffic is delivered (IP; the original port is kept).
-    #[arg(long, env = "SIDEMESH_APP_ADDR", default_value = "127.0.0.1")]
-    pub app_addr: std::net::IpAddr,
+    /// Where inbound traffic is delivered: an IP (the original port is kept)
+    /// or `ip:port` (everything to that port; for proxies without iptables).
+    #[arg(long, env = "SIDEMESH_APP_ADDR", default_value = "127.0.0.1", value_parser = parse_app_addr)]
+    pub app_addr: AppAddr,
     /// Runtime worker threads.
     #[arg(long, env = "SIDEMESH_WORKERS", default_value = "1")]
     pub workers: usize,
@@ -77,6 +78,28 @@ pub struct ProxyArgs {
     /// A counter or histogram series that has not changed for this long leaves `/metrics` (0s: never).
     #[arg(long, env = "SIDEMESH_METRICS_IDLE_EXPIRY", default_value = "10m", value_parser = parse_duration)]
     pub metrics_idle_expiry: Duration,
+}
+
+/// Where inbound traffic goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppAddr {
+    /// The application's address.
+    pub ip: std::net::IpAddr,
+    /// A fixed port, or `None` for the connection's original port.
+    pub port: Option<u16>,
+}
+
+fn parse_app_addr(s: &str) -> Result<AppAddr, String> {
+    if let Ok(ip) = s.parse() {
+        return Ok(AppAddr { ip, port: None });
+    }
+    match s.parse::<SocketAddr>() {
+        Ok(a) if a.port() > 0 => Ok(AppAddr {
+            ip: a.ip(),
+            port: Some(a.port()),
+        }),
+        _ => Err(format!("{s:?} is neither an IP address nor ip:port")),
+    }
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {

@@ -86,10 +86,11 @@ async fn is_mesh_hello(stream: &TcpStream, proxy: &Proxy) -> bool {
 async fn handle(proxy: &Arc<Proxy>, stream: TcpStream, peer: SocketAddr) -> anyhow::Result<()> {
     let _ = stream.set_nodelay(true);
     let orig = crate::socket::original_dst(&stream)?;
-    if orig == stream.local_addr()? {
+    // Without iptables (a fixed application port) connections arrive unredirected.
+    if orig == stream.local_addr()? && proxy.app_port.is_none() {
         anyhow::bail!("connection to {orig} was not redirected to the proxy; refusing to loop");
     }
-    let app = SocketAddr::new(proxy.app_ip, orig.port());
+    let app = SocketAddr::new(proxy.app_ip, proxy.app_port.unwrap_or(orig.port()));
     let protocol = if proxy.opaque_ports.contains(&orig.port()) && proxy.pool.is_none() {
         Protocol::Opaque
     } else {

@@ -65,6 +65,8 @@ pub struct Proxy {
     pub opaque_ports: BTreeSet<u16>,
     /// Where inbound traffic goes.
     pub app_ip: IpAddr,
+    /// A fixed application port (`SIDEMESH_APP_ADDR=ip:port`), else the original port.
+    pub app_port: Option<u16>,
     /// Inbound policy.
     pub inbound_policy: config::InboundPolicy,
     /// First-bytes wait.

@@ -97,7 +97,14 @@ async fn handle(proxy: &Arc<Proxy>, stream: TcpStream, peer: SocketAddr) -> anyh
     let _ = stream.set_nodelay(true);
     let orig = crate::socket::original_dst(&stream)?;
     if orig == stream.local_addr()? {
-        anyhow::bail!("connection to {orig} was not redirected to the proxy; refusing to loop");
+        // Not redirected: a client that talks to the proxy on purpose (no
+        // iptables, as in the loopback demo). Only HTTP says where it goes.
+        let detected = detect::detect(&stream, proxy.detect_timeout).await?;
+        if !matches!(detected, Protocol::Http1 | Protocol::Http2) {
+            anyhow::bail!("connection to {orig} was not redirected and is not HTTP; refusing to loop");
+        }
+        let stream = proxy.telemetry.counted(stream, Direction::Outbound);
+        return serve_http(proxy.clone(), stream, None).await;
     }
     let resolution = proxy.discovery.resolve(orig).await;
     // Unknown destinations and opaque ports are never inspected: no waiting
@@ -112,7 +119,7 @@ async fn handle(proxy: &Arc<Proxy>, stream: TcpStream, peer: SocketAddr) -> anyh
     tracing::debug!(%peer, %orig, ?protocol, "outbound");
     let stream = proxy.telemetry.counted(stream, Direction::Outbound);
     match protocol {
-        Protocol::Http1 | Protocol::Http2 => serve_http(proxy.clone(), stream, orig).await,
+        Protocol::Http1 | Protocol::Http2 => serve_http(proxy.clone(), stream, Some(orig)).await,
         Protocol::Opaque | Protocol::Tls => forward_tcp(proxy, stream, orig, &resolution).await,
     }
 }
@@ -168,13 +175,42 @@ async fn forward_tcp(
     Ok(())
 }
 
-async fn serve_http(proxy: Arc<Proxy>, stream: Downstream, orig: SocketAddr) -> anyhow::Result<()> {
-    let resolution = proxy.discovery.subscribe(orig);
+/// The destination an explicit (unredirected) request names: its authority as `ip:port`.
+fn explicit_target<B>(req: &Request<B>) -> Option<SocketAddr> {
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| req.headers().get(http::header::HOST)?.to_str().ok().map(str::to_owned))?;
+    authority
+        .parse()
+        .ok()
+        .or_else(|| Some(SocketAddr::new(authority.parse().ok()?, 80)))
+}
+
+/// Serves HTTP from the application; `orig` is the redirected connection's
+/// destination, or `None` for an explicit client (each request names its own).
+async fn serve_http(proxy: Arc<Proxy>, stream: Downstream, orig: Option<SocketAddr>) -> anyhow::Result<()> {
+    let resolution = orig.map(|o| proxy.discovery.subscribe(o));
     let svc_proxy = proxy.clone();
     let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let proxy = svc_proxy.clone();
-        let current = resolution.borrow().clone().unwrap_or(Resolution::Unknown);
+        let fixed = resolution
+            .as_ref()
+            .map(|r| r.borrow().clone().unwrap_or(Resolution::Unknown));
         async move {
+            let (orig, current) = match (orig, fixed) {
+                (Some(orig), Some(current)) => (orig, current),
+                _ => match explicit_target(&req) {
+                    Some(dst) => (dst, proxy.discovery.resolve(dst).await),
+                    None => {
+                        return Ok(h::respond(
+                            StatusCode::BAD_REQUEST,
+                            "sidemesh: an unredirected request must name ip:port as its authority\n",
+                        ));
+                    }
+                },
+            };
             let started = Instant::now();
             let mut outcome = Outcome::new(method_name(req.method()));
             let span = proxy.telemetry.client_span(req.headers_mut(), outcome.method);
