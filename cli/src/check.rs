@@ -894,7 +894,7 @@ pub fn judge_mesh(
 }
 
 /// Key of the PEM roots in the trust-bundle ConfigMaps.
-const BUNDLE_KEY: &str = "ca-bundle.crt";
+pub const BUNDLE_KEY: &str = "ca-bundle.crt";
 
 /// What `--cluster` read from the API server.
 struct Cluster {
@@ -908,7 +908,7 @@ struct Cluster {
 }
 
 async fn read_cluster(args: &CheckArgs) -> anyhow::Result<Cluster> {
-    use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
     use kube::api::{Api, ListParams};
     let client = kube::Client::try_default()
         .await
@@ -942,6 +942,19 @@ async fn read_cluster(args: &CheckArgs) -> anyhow::Result<Cluster> {
             None
         }
     };
+    let meshed = meshed_pods(&client).await?;
+    Ok(Cluster {
+        client,
+        bundles,
+        issuer,
+        pods: meshed,
+    })
+}
+
+/// Running Pods annotated `sidemesh.io/injected`: namespace and name, sorted.
+pub async fn meshed_pods(client: &kube::Client) -> anyhow::Result<Vec<(String, String)>> {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, ListParams};
     let pods: Api<Pod> = Api::all(client.clone());
     let mut meshed = Vec::new();
     for pod in pods.list(&ListParams::default()).await.context("listing Pods")?.items {
@@ -959,20 +972,20 @@ async fn read_cluster(args: &CheckArgs) -> anyhow::Result<Cluster> {
         }
     }
     meshed.sort();
-    Ok(Cluster {
-        client,
-        bundles,
-        issuer,
-        pods: meshed,
-    })
+    Ok(meshed)
 }
 
 /// Reads each Pod's `/debug/state` through the API server's Pod proxy (the
 /// operator's machine rarely reaches Pod IPs), 16 at a time.
-async fn observe_cluster_proxies(cluster: &Cluster, port: u16, timeout: Duration) -> Vec<ProxyView> {
+pub async fn observe_pods(
+    client: &kube::Client,
+    pods: &[(String, String)],
+    port: u16,
+    timeout: Duration,
+) -> Vec<ProxyView> {
     use futures::StreamExt as _;
-    let asks = cluster.pods.iter().map(|(ns, name)| {
-        let client = cluster.client.clone();
+    let asks = pods.iter().map(|(ns, name)| {
+        let client = client.clone();
         async move {
             let endpoint = format!("{ns}/{name}");
             let failed = |error: String| ProxyView {
@@ -1117,7 +1130,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<bool> {
         let (mut proxies, servers, in_cluster) = rt.block_on(async {
             let in_cluster = async {
                 match &cluster {
-                    Some(c) => observe_cluster_proxies(c, args.admin_port, args.timeout).await,
+                    Some(c) => observe_pods(&c.client, &c.pods, args.admin_port, args.timeout).await,
                     None => Vec::new(),
                 }
             };

@@ -17,9 +17,14 @@
 //! by `--timeout`.
 //!
 //! `--local` works on files: the bundle and issuer files the mesh components
-//! watch. Against a cluster the same steps would patch the trust-bundle
-//! ConfigMaps and the issuer Secret; that mode is not built yet (see
-//! docs/trust-rotation.md for doing those steps with kubectl).
+//! watch. Without it, against the cluster of the kubeconfig: the
+//! `sidemesh-trust-bundle` ConfigMap of every namespace that has one is
+//! patched (key `ca-bundle.crt`), the issuer Secret is patched (`tls.crt` and
+//! `tls.key` in one update, so the identity service never sees half of it),
+//! and the proxies watched are every running Pod annotated
+//! `sidemesh.io/injected`, read through the API server's Pod proxy. Objects
+//! managed by trust-manager or cert-manager are refused: with those, edit the
+//! `Bundle` and `Certificate` instead (docs/trust-rotation.md).
 
 use std::collections::BTreeSet;
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
@@ -130,6 +135,18 @@ pub struct RotateArgs {
     /// certificate from the new issuer, and accept one, before the old root is dropped.
     #[arg(long, value_delimiter = ',')]
     pub tls_endpoints: Vec<String>,
+    /// The control plane's namespace, holding the issuer Secret (cluster mode).
+    #[arg(long, default_value = "sidemesh-system")]
+    pub control_plane_namespace: String,
+    /// Name of the trust-bundle ConfigMaps, one per namespace (cluster mode).
+    #[arg(long, default_value = "sidemesh-trust-bundle")]
+    pub bundle_configmap: String,
+    /// Name of the issuer Secret (cluster mode).
+    #[arg(long, default_value = "sidemesh-issuer")]
+    pub issuer_secret: String,
+    /// The proxies' admin port (cluster mode).
+    #[arg(long, default_value_t = crate::check::ADMIN_PORT)]
+    pub admin_port: u16,
     /// Bound on each wait; on expiry the progress is kept and a re-run resumes.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     pub timeout: Duration,
@@ -148,10 +165,8 @@ pub struct RotateArgs {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct State {
     version: u32,
-    /// The files rotated: a re-run must name the same ones.
-    bundle: PathBuf,
-    issuer_cert: PathBuf,
-    issuer_key: PathBuf,
+    /// What is rotated (files, or a cluster's objects): a re-run must name the same.
+    target: String,
     /// Fingerprints of the roots trusted before the rotation.
     old_roots: Vec<String>,
     /// Fingerprint of the issuer in service before the rotation.
@@ -190,29 +205,51 @@ struct Rotation {
     args: RotateArgs,
     state_path: PathBuf,
     state: State,
+    target: Target,
     rt: tokio::runtime::Runtime,
 }
 
 /// Runs (or resumes) the rotation.
 pub fn run(args: RotateArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        args.local,
-        "`sidemesh trust rotate` against a cluster is not built yet: run it with --local on the files, \
-         or follow docs/trust-rotation.md with kubectl (`sidemesh check` reports each step)"
-    );
-    let need = |v: &Option<PathBuf>, flag: &str| {
-        v.clone()
-            .with_context(|| format!("{flag} is required with --local"))
-            .and_then(|p| absolute(&p))
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let target = if args.local {
+        let need = |v: &Option<PathBuf>, flag: &str| {
+            v.clone()
+                .with_context(|| format!("{flag} is required with --local"))
+                .and_then(|p| absolute(&p))
+        };
+        let target = Target::Files {
+            bundle: need(&args.bundle, "--bundle")?,
+            issuer_cert: need(&args.issuer_cert, "--issuer-cert")?,
+            issuer_key: need(&args.issuer_key, "--issuer-key")?,
+        };
+        anyhow::ensure!(
+            !args.proxies.is_empty() || !args.tls_endpoints.is_empty() || args.identity_addr.is_some(),
+            "nothing to watch: give the proxies' admin endpoints (--proxies), so that each step is seen \
+             to be picked up before the next"
+        );
+        target
+    } else {
+        anyhow::ensure!(
+            args.bundle.is_none() && args.issuer_cert.is_none() && args.issuer_key.is_none(),
+            "--bundle, --issuer-cert and --issuer-key name files: add --local to rotate files, \
+             or leave them out to rotate the cluster's ConfigMaps and Secret"
+        );
+        let client = rt
+            .block_on(kube::Client::try_default())
+            .context("no usable kubeconfig or in-cluster configuration (use --local to rotate files)")?;
+        let target = Target::Cluster {
+            client,
+            namespace: args.control_plane_namespace.clone(),
+            configmap: args.bundle_configmap.clone(),
+            secret: args.issuer_secret.clone(),
+        };
+        rt.block_on(target.refuse_managed())?;
+        target
     };
-    let bundle = need(&args.bundle, "--bundle")?;
-    let issuer_cert = need(&args.issuer_cert, "--issuer-cert")?;
-    let issuer_key = need(&args.issuer_key, "--issuer-key")?;
-    anyhow::ensure!(
-        !args.proxies.is_empty() || !args.tls_endpoints.is_empty() || args.identity_addr.is_some(),
-        "nothing to watch: give the proxies' admin endpoints (--proxies), so that each step is seen \
-         to be picked up before the next"
-    );
     if !args.yes && !std::io::stdin().is_terminal() {
         anyhow::bail!("standard input is not a terminal: pass --yes to run the steps without asking");
     }
@@ -230,12 +267,11 @@ pub fn run(args: RotateArgs) -> anyhow::Result<()> {
                 state.version
             );
             anyhow::ensure!(
-                state.bundle == bundle && state.issuer_cert == issuer_cert && state.issuer_key == issuer_key,
-                "{} belongs to a rotation of other files (bundle {}, issuer {} / {}); use another --state-dir",
+                state.target == target.describe(),
+                "{} belongs to a rotation of {}, not of {}; use another --state-dir",
                 state_path.display(),
-                state.bundle.display(),
-                state.issuer_cert.display(),
-                state.issuer_key.display()
+                state.target,
+                target.describe()
             );
             println!(
                 "resuming the rotation recorded in {} (steps done: {})",
@@ -253,17 +289,14 @@ pub fn run(args: RotateArgs) -> anyhow::Result<()> {
             );
             state
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => begin(&args, &bundle, &issuer_cert, &issuer_key)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => begin(&args, &target, &rt)?,
         Err(e) => return Err(e).with_context(|| format!("reading {}", state_path.display())),
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
     let mut rotation = Rotation {
         args,
         state_path,
         state,
+        target,
         rt,
     };
     rotation.save()?;
@@ -271,10 +304,9 @@ pub fn run(args: RotateArgs) -> anyhow::Result<()> {
 }
 
 /// A new state: the roots and issuer in service now, backed up.
-fn begin(args: &RotateArgs, bundle: &Path, issuer_cert: &Path, issuer_key: &Path) -> anyhow::Result<State> {
-    let current = TrustBundle::from_file(bundle).with_context(|| format!("--bundle {}", bundle.display()))?;
-    let cert_pem = std::fs::read(issuer_cert).with_context(|| format!("reading {}", issuer_cert.display()))?;
-    let key_pem = std::fs::read(issuer_key).with_context(|| format!("reading {}", issuer_key.display()))?;
+fn begin(args: &RotateArgs, target: &Target, rt: &tokio::runtime::Runtime) -> anyhow::Result<State> {
+    let current = target.read_bundle(rt)?;
+    let (cert_pem, key_pem) = target.read_issuer(rt)?;
     let issuer = Issuer::from_pem(&cert_pem, &key_pem, &current)
         .context("the issuer in service is not usable with the bundle; fix that before rotating")?;
     let dir = &args.state_dir;
@@ -282,7 +314,8 @@ fn begin(args: &RotateArgs, bundle: &Path, issuer_cert: &Path, issuer_key: &Path
     write_atomic(&dir.join("old-issuer.crt"), &cert_pem, false)?;
     write_atomic(&dir.join("old-issuer.key"), &key_pem, true)?;
     println!(
-        "starting a root rotation: {} root(s) trusted now [{}], issuer {} (backups in {})",
+        "starting a root rotation of {}: {} root(s) trusted now [{}], issuer {} (backups in {})",
+        target.describe(),
         current.roots().len(),
         current
             .fingerprints()
@@ -296,9 +329,7 @@ fn begin(args: &RotateArgs, bundle: &Path, issuer_cert: &Path, issuer_key: &Path
     let now = now_unix();
     Ok(State {
         version: STATE_VERSION,
-        bundle: bundle.to_owned(),
-        issuer_cert: issuer_cert.to_owned(),
-        issuer_key: issuer_key.to_owned(),
+        target: target.describe(),
         old_roots: current.fingerprints(),
         old_issuer: issuer.fingerprint().to_owned(),
         new_root: None,
@@ -307,6 +338,277 @@ fn begin(args: &RotateArgs, bundle: &Path, issuer_cert: &Path, issuer_key: &Path
         started_unix: now,
         updated_unix: now,
     })
+}
+
+/// Where the bundle and the issuer live.
+enum Target {
+    /// Files the components watch.
+    Files {
+        bundle: PathBuf,
+        issuer_cert: PathBuf,
+        issuer_key: PathBuf,
+    },
+    /// A cluster's trust-bundle ConfigMaps (one per namespace) and issuer Secret.
+    Cluster {
+        client: kube::Client,
+        namespace: String,
+        configmap: String,
+        secret: String,
+    },
+}
+
+/// Key of the issuer certificate and key in the Secret.
+const TLS_CRT: &str = "tls.crt";
+const TLS_KEY: &str = "tls.key";
+
+impl Target {
+    fn describe(&self) -> String {
+        match self {
+            Target::Files {
+                bundle,
+                issuer_cert,
+                issuer_key,
+            } => format!(
+                "files {}, {}, {}",
+                bundle.display(),
+                issuer_cert.display(),
+                issuer_key.display()
+            ),
+            Target::Cluster {
+                namespace,
+                configmap,
+                secret,
+                ..
+            } => format!("ConfigMaps */{configmap} and Secret {namespace}/{secret}"),
+        }
+    }
+
+    /// Where the bundle is, for messages.
+    fn bundle_name(&self) -> String {
+        match self {
+            Target::Files { bundle, .. } => bundle.display().to_string(),
+            Target::Cluster { configmap, .. } => format!("the {configmap} ConfigMaps"),
+        }
+    }
+
+    /// Where the issuer is, for messages.
+    fn issuer_name(&self) -> String {
+        match self {
+            Target::Files {
+                issuer_cert,
+                issuer_key,
+                ..
+            } => format!("{} and {}", issuer_cert.display(), issuer_key.display()),
+            Target::Cluster { namespace, secret, .. } => format!("Secret {namespace}/{secret}"),
+        }
+    }
+
+    async fn configmaps(
+        client: &kube::Client,
+        name: &str,
+    ) -> anyhow::Result<Vec<k8s_openapi::api::core::v1::ConfigMap>> {
+        use kube::api::{Api, ListParams};
+        let api: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::all(client.clone());
+        Ok(api
+            .list(&ListParams::default().fields(&format!("metadata.name={name}")))
+            .await
+            .with_context(|| format!("listing the {name} ConfigMaps"))?
+            .items)
+    }
+
+    /// Refuses objects another controller owns: our writes would be undone.
+    async fn refuse_managed(&self) -> anyhow::Result<()> {
+        let Target::Cluster {
+            client,
+            namespace,
+            configmap,
+            secret,
+        } = self
+        else {
+            return Ok(());
+        };
+        for cm in Self::configmaps(client, configmap).await? {
+            let managed = cm
+                .metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.keys().any(|k| k.starts_with("trust.cert-manager.io/")));
+            anyhow::ensure!(
+                !managed,
+                "ConfigMap {}/{configmap} is managed by trust-manager: rotate by editing its Bundle's sources \
+                 (docs/trust-rotation.md), and watch with `sidemesh check --cluster`",
+                cm.metadata.namespace.unwrap_or_default()
+            );
+        }
+        let api: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(client.clone(), namespace);
+        if let Some(s) = api
+            .get_opt(secret)
+            .await
+            .with_context(|| format!("reading Secret {namespace}/{secret}"))?
+        {
+            let managed = s
+                .metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key("cert-manager.io/certificate-name"));
+            anyhow::ensure!(
+                !managed,
+                "Secret {namespace}/{secret} is issued by cert-manager: switch its Certificate's issuerRef instead \
+                 (docs/trust-rotation.md)"
+            );
+        }
+        Ok(())
+    }
+
+    /// The bundle in force: the file, or the control plane's ConfigMap.
+    fn read_bundle(&self, rt: &tokio::runtime::Runtime) -> anyhow::Result<TrustBundle> {
+        match self {
+            Target::Files { bundle, .. } => {
+                TrustBundle::from_file(bundle).with_context(|| format!("--bundle {}", bundle.display()))
+            }
+            Target::Cluster {
+                client,
+                namespace,
+                configmap,
+                ..
+            } => {
+                let maps = rt.block_on(Self::configmaps(client, configmap))?;
+                let pem = maps
+                    .into_iter()
+                    .find(|cm| cm.metadata.namespace.as_deref() == Some(namespace.as_str()))
+                    .and_then(|cm| cm.data)
+                    .and_then(|mut d| d.remove(crate::check::BUNDLE_KEY))
+                    .with_context(|| {
+                        format!("ConfigMap {namespace}/{configmap} has no {}", crate::check::BUNDLE_KEY)
+                    })?;
+                TrustBundle::from_pem(pem.as_bytes()).with_context(|| format!("ConfigMap {namespace}/{configmap}"))
+            }
+        }
+    }
+
+    /// Where the bundle differs from `want` (file, or namespaces); empty when it holds exactly `want` everywhere.
+    fn bundle_differs(&self, rt: &tokio::runtime::Runtime, want: &BTreeSet<String>) -> anyhow::Result<Vec<String>> {
+        let holds = |pem: Option<&str>| {
+            pem.and_then(|p| TrustBundle::from_pem(p.as_bytes()).ok())
+                .is_some_and(|b| b.fingerprints().into_iter().collect::<BTreeSet<_>>() == *want)
+        };
+        match self {
+            Target::Files { bundle, .. } => {
+                let text = std::fs::read_to_string(bundle).ok();
+                Ok(if holds(text.as_deref()) {
+                    Vec::new()
+                } else {
+                    vec![bundle.display().to_string()]
+                })
+            }
+            Target::Cluster { client, configmap, .. } => {
+                let maps = rt.block_on(Self::configmaps(client, configmap))?;
+                anyhow::ensure!(!maps.is_empty(), "there is no {configmap} ConfigMap in any namespace");
+                Ok(maps
+                    .into_iter()
+                    .filter(|cm| {
+                        !holds(
+                            cm.data
+                                .as_ref()
+                                .and_then(|d| d.get(crate::check::BUNDLE_KEY))
+                                .map(String::as_str),
+                        )
+                    })
+                    .map(|cm| format!("{}/{configmap}", cm.metadata.namespace.unwrap_or_default()))
+                    .collect())
+            }
+        }
+    }
+
+    /// Publishes `pem` as the bundle: the file, or every namespace's ConfigMap.
+    fn write_bundle(&self, rt: &tokio::runtime::Runtime, pem: &str) -> anyhow::Result<()> {
+        match self {
+            Target::Files { bundle, .. } => replace_file(bundle, pem.as_bytes(), false),
+            Target::Cluster { client, configmap, .. } => rt.block_on(async {
+                use kube::api::{Api, Patch, PatchParams};
+                for cm in Self::configmaps(client, configmap).await? {
+                    let ns = cm.metadata.namespace.unwrap_or_default();
+                    let api: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), &ns);
+                    let patch = serde_json::json!({ "data": { crate::check::BUNDLE_KEY: pem } });
+                    api.patch(configmap, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                        .with_context(|| format!("patching ConfigMap {ns}/{configmap}"))?;
+                }
+                Ok(())
+            }),
+        }
+    }
+
+    /// The issuer in service: certificate (with chain) and key, PEM.
+    fn read_issuer(&self, rt: &tokio::runtime::Runtime) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+        match self {
+            Target::Files {
+                issuer_cert,
+                issuer_key,
+                ..
+            } => Ok((
+                std::fs::read(issuer_cert).with_context(|| format!("reading {}", issuer_cert.display()))?,
+                std::fs::read(issuer_key).with_context(|| format!("reading {}", issuer_key.display()))?,
+            )),
+            Target::Cluster {
+                client,
+                namespace,
+                secret,
+                ..
+            } => {
+                let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
+                    kube::Api::namespaced(client.clone(), namespace);
+                let found = rt
+                    .block_on(api.get(secret))
+                    .with_context(|| format!("reading Secret {namespace}/{secret}"))?;
+                let mut data = found.data.unwrap_or_default();
+                let mut take = |k: &str| {
+                    data.remove(k)
+                        .map(|v| v.0)
+                        .with_context(|| format!("Secret {namespace}/{secret} has no {k}"))
+                };
+                Ok((take(TLS_CRT)?, take(TLS_KEY)?))
+            }
+        }
+    }
+
+    /// Installs a new issuer: the key file first then the certificate (the
+    /// identity service refuses, keeping the old issuer, any mismatched pair
+    /// it might see in between), or both Secret keys in one update.
+    fn write_issuer(&self, rt: &tokio::runtime::Runtime, cert_pem: &[u8], key_pem: &[u8]) -> anyhow::Result<()> {
+        match self {
+            Target::Files {
+                issuer_cert,
+                issuer_key,
+                ..
+            } => {
+                replace_file(issuer_key, key_pem, true)?;
+                replace_file(issuer_cert, cert_pem, false)
+            }
+            Target::Cluster {
+                client,
+                namespace,
+                secret,
+                ..
+            } => {
+                use base64::Engine as _;
+                use kube::api::{Api, Patch, PatchParams};
+                let b64 = |v: &[u8]| base64::engine::general_purpose::STANDARD.encode(v);
+                let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), namespace);
+                let patch = serde_json::json!({ "data": { TLS_CRT: b64(cert_pem), TLS_KEY: b64(key_pem) } });
+                rt.block_on(api.patch(secret, &PatchParams::default(), &Patch::Merge(&patch)))
+                    .with_context(|| format!("patching Secret {namespace}/{secret}"))?;
+                Ok(())
+            }
+        }
+    }
+
+    /// The fingerprint of the issuer certificate in service.
+    fn installed_issuer(&self, rt: &tokio::runtime::Runtime) -> Option<(String, Vec<u8>)> {
+        let (cert, key) = self.read_issuer(rt).ok()?;
+        let der = CertificateDer::from_pem_slice(&cert).ok()?;
+        Some((fingerprint(&der), key))
+    }
 }
 
 /// Writes `contents` over `path` keeping the file's permission bits.
@@ -523,9 +825,16 @@ impl Rotation {
 
     /// The trust domain of the issuer in service (its URI SAN `spiffe://<td>`).
     fn current_trust_domain(&self) -> String {
-        std::fs::read(&self.state.issuer_cert)
+        self.target
+            .read_issuer(&self.rt)
             .ok()
-            .and_then(|pem| CertificateDer::from_pem_slice(&pem).ok())
+            .or_else(|| {
+                Some((
+                    std::fs::read(self.args.state_dir.join("old-issuer.crt")).ok()?,
+                    Vec::new(),
+                ))
+            })
+            .and_then(|(pem, _)| CertificateDer::from_pem_slice(&pem).ok())
             .and_then(|der| sidemesh_identity_client::verify::uri_sans(&der).ok())
             .and_then(|uris| {
                 uris.into_iter().find_map(|u| {
@@ -536,24 +845,24 @@ impl Rotation {
             .unwrap_or_else(|| "cluster.local".to_owned())
     }
 
-    /// The old roots' certificates: from the bundle file, else the backup.
+    /// The old roots' certificates: from the bundle in force, else the backup.
     fn old_root_ders(&self) -> anyhow::Result<Vec<CertificateDer<'static>>> {
         let mut found: Vec<CertificateDer<'static>> = Vec::new();
-        for source in [self.state.bundle.clone(), self.args.state_dir.join("old-bundle.pem")] {
-            if let Ok(b) = TrustBundle::from_file(&source) {
-                for r in b.roots() {
-                    if self.state.old_roots.contains(&r.fingerprint)
-                        && !found.iter().any(|d| fingerprint(d) == r.fingerprint)
-                    {
-                        found.push(r.der.clone());
-                    }
+        let current = self.target.read_bundle(&self.rt).ok();
+        let backup = TrustBundle::from_file(&self.args.state_dir.join("old-bundle.pem")).ok();
+        for b in current.iter().chain(backup.iter()) {
+            for r in b.roots() {
+                if self.state.old_roots.contains(&r.fingerprint)
+                    && !found.iter().any(|d| fingerprint(d) == r.fingerprint)
+                {
+                    found.push(r.der.clone());
                 }
             }
         }
         anyhow::ensure!(
             found.len() == self.state.old_roots.len(),
             "the old roots are neither in {} nor in the backup {}",
-            self.state.bundle.display(),
+            self.target.bundle_name(),
             self.args.state_dir.join("old-bundle.pem").display()
         );
         Ok(found)
@@ -567,26 +876,22 @@ impl Rotation {
     /// Writes a bundle of exactly `roots` and reads it back.
     fn publish(&self, step: Step, roots: Vec<CertificateDer<'static>>, what: &str) -> anyhow::Result<TrustBundle> {
         let want: BTreeSet<String> = roots.iter().map(|d| fingerprint(d)).collect();
-        let path = self.state.bundle.clone();
-        let current = TrustBundle::from_file(&path).ok();
-        if current
-            .as_ref()
-            .is_some_and(|b| b.fingerprints().into_iter().collect::<BTreeSet<_>>() == want)
-        {
-            println!("      {} already holds {what}", path.display());
+        let bundle = TrustBundle::from_der(roots).context("building the bundle")?;
+        let name = self.target.bundle_name();
+        if self.target.bundle_differs(&self.rt, &want)?.is_empty() {
+            println!("      {name} already hold(s) {what}");
         } else {
-            let bundle = TrustBundle::from_der(roots).context("building the bundle")?;
-            self.confirm(step, &format!("write {what} to {}", path.display()))?;
-            replace_file(&path, bundle.to_pem().as_bytes(), false)?;
-            println!("      wrote {what} to {}", path.display());
+            self.confirm(step, &format!("write {what} to {name}"))?;
+            self.target.write_bundle(&self.rt, &bundle.to_pem())?;
+            println!("      wrote {what} to {name}");
         }
-        let written = TrustBundle::from_file(&path).with_context(|| format!("re-reading {}", path.display()))?;
+        let differs = self.target.bundle_differs(&self.rt, &want)?;
         anyhow::ensure!(
-            written.fingerprints().into_iter().collect::<BTreeSet<_>>() == want,
-            "{} does not hold {what} after writing it (another writer?)",
-            path.display()
+            differs.is_empty(),
+            "{} do(es) not hold {what} after writing it (another writer?)",
+            differs.join(", ")
         );
-        Ok(written)
+        Ok(bundle)
     }
 
     /// Step 2.
@@ -653,7 +958,23 @@ impl Rotation {
     fn observe(&self, bundle: Option<&TrustBundle>, client: Option<&ClientCert>, servers: bool) -> Observation {
         let request_timeout = self.args.poll.max(Duration::from_secs(2)).min(Duration::from_secs(10));
         self.rt.block_on(async {
-            let proxies = observe_proxies(&self.args.proxies, request_timeout);
+            let proxies = async {
+                let mut seen = observe_proxies(&self.args.proxies, request_timeout).await;
+                if let Target::Cluster { client, .. } = &self.target {
+                    // Listed at each look: Pods come and go during a rotation.
+                    match crate::check::meshed_pods(client).await {
+                        Ok(pods) => seen.extend(
+                            crate::check::observe_pods(client, &pods, self.args.admin_port, request_timeout).await,
+                        ),
+                        Err(e) => seen.push(ProxyView {
+                            endpoint: "(Pod list)".into(),
+                            error: Some(format!("{e:#}")),
+                            ..ProxyView::default()
+                        }),
+                    }
+                }
+                seen
+            };
             let servers = async {
                 let mut out = Vec::new();
                 for e in self.args.tls_endpoints.iter().filter(|_| servers) {
@@ -710,12 +1031,11 @@ impl Rotation {
         let key_pem = std::fs::read(&pair.key).with_context(|| format!("reading {}", pair.key.display()))?;
         // The identity service's own acceptance test, against the bundle in
         // force: refuse here rather than have it refuse the files.
-        let bundle = TrustBundle::from_file(&self.state.bundle)
-            .with_context(|| format!("reading {}", self.state.bundle.display()))?;
+        let bundle = self.target.read_bundle(&self.rt)?;
         anyhow::ensure!(
             bundle.fingerprints().contains(&root.fingerprint),
-            "{} no longer holds the new root {}: publish it again (step 2) before installing the new issuer",
-            self.state.bundle.display(),
+            "{} no longer hold(s) the new root {}: publish it again (step 2) before installing the new issuer",
+            self.target.bundle_name(),
             short(Some(&root.fingerprint))
         );
         let issuer = Issuer::from_pem(&cert_pem, &key_pem, &bundle).context("the new issuer would be refused")?;
@@ -724,36 +1044,23 @@ impl Rotation {
             "{} changed",
             pair.cert.display()
         );
-        let installed = std::fs::read(&self.state.issuer_cert)
-            .ok()
-            .and_then(|pem| CertificateDer::from_pem_slice(&pem).ok())
-            .map(|der| fingerprint(&der));
-        let installed_key = std::fs::read(&self.state.issuer_key).ok();
-        if installed.as_deref() == Some(pair.fingerprint.as_str()) && installed_key.as_deref() == Some(&key_pem[..]) {
+        let installed = self.target.installed_issuer(&self.rt);
+        if installed
+            .as_ref()
+            .is_some_and(|(fp, key)| *fp == pair.fingerprint && *key == key_pem)
+        {
             println!(
                 "      the new issuer {} is installed already",
                 short(Some(&pair.fingerprint))
             );
         } else {
+            let name = self.target.issuer_name();
             self.confirm(
                 Step::NewIssuer,
-                &format!(
-                    "install issuer {} into {} and {}",
-                    short(Some(&pair.fingerprint)),
-                    self.state.issuer_cert.display(),
-                    self.state.issuer_key.display()
-                ),
+                &format!("install issuer {} into {name}", short(Some(&pair.fingerprint))),
             )?;
-            // The key first: the identity service reloads once both files
-            // settle, and refuses (keeping the old issuer) any mismatched pair
-            // it might see in between.
-            replace_file(&self.state.issuer_key, &key_pem, true)?;
-            replace_file(&self.state.issuer_cert, &cert_pem, false)?;
-            println!(
-                "      installed issuer {} into {}",
-                short(Some(&pair.fingerprint)),
-                self.state.issuer_cert.display()
-            );
+            self.target.write_issuer(&self.rt, &cert_pem, &key_pem)?;
+            println!("      installed issuer {} into {name}", short(Some(&pair.fingerprint)));
         }
         if let Some(addr) = self.args.identity_addr.clone() {
             self.wait_identity(&addr, &bundle, &pair.fingerprint)?;
@@ -833,8 +1140,7 @@ impl Rotation {
     /// Step 5.
     fn wait_chain(&mut self) -> anyhow::Result<()> {
         let issuer = self.new_issuer_pair()?.fingerprint.clone();
-        let bundle = TrustBundle::from_file(&self.state.bundle)
-            .with_context(|| format!("reading {}", self.state.bundle.display()))?;
+        let bundle = self.target.read_bundle(&self.rt)?;
         let client = self.client_cert()?;
         self.wait_until(
             &format!("hold a certificate from the new issuer {}", short(Some(&issuer))),
@@ -851,14 +1157,7 @@ impl Rotation {
         let issuer = self.new_issuer_pair()?.fingerprint.clone();
         // The old roots go only once nothing depends on them: re-check at once.
         let client = self.client_cert()?;
-        let seen = self.observe(
-            Some(
-                &TrustBundle::from_file(&self.state.bundle)
-                    .with_context(|| format!("reading {}", self.state.bundle.display()))?,
-            ),
-            Some(&client),
-            true,
-        );
+        let seen = self.observe(Some(&self.target.read_bundle(&self.rt)?), Some(&client), true);
         let behind: Vec<String> = seen
             .proxies
             .iter()
@@ -871,14 +1170,11 @@ impl Rotation {
                     .map(ServerView::line),
             )
             .collect();
-        let installed = std::fs::read(&self.state.issuer_cert)
-            .ok()
-            .and_then(|pem| CertificateDer::from_pem_slice(&pem).ok())
-            .map(|der| fingerprint(&der));
+        let installed = self.target.installed_issuer(&self.rt).map(|(fp, _)| fp);
         anyhow::ensure!(
             installed.as_deref() == Some(issuer.as_str()),
             "{} no longer holds the new issuer {}: re-install it (step 4) before dropping the old roots",
-            self.state.issuer_cert.display(),
+            self.target.issuer_name(),
             short(Some(&issuer))
         );
         anyhow::ensure!(

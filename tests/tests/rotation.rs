@@ -1065,13 +1065,26 @@ impl FakeApi {
                 let (st, rq) = (st.clone(), rq.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                        let path = req.uri().path().to_owned();
-                        let full = req.uri().to_string();
-                        rq.lock().unwrap_or_else(|p| p.into_inner()).push(full);
-                        let state = st.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                        let (code, body) = fake_answer(&state, &path);
+                        let (st, rq) = (st.clone(), rq.clone());
                         async move {
-                            let mut rsp = hyper::Response::new(Full::new(Bytes::from(body.to_string())));
+                            use http_body_util::BodyExt as _;
+                            let method = req.method().as_str().to_owned();
+                            let path = req.uri().path().to_owned();
+                            rq.lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push(format!("{method} {}", req.uri()));
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let patch: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                            let (code, answer) = {
+                                let mut state = st.lock().unwrap_or_else(|p| p.into_inner());
+                                fake_answer(&mut state, &method, &path, &patch)
+                            };
+                            let mut rsp = hyper::Response::new(Full::new(Bytes::from(answer.to_string())));
                             *rsp.status_mut() = hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::OK);
                             rsp.headers_mut().insert(
                                 hyper::header::CONTENT_TYPE,
@@ -1105,26 +1118,107 @@ impl FakeApi {
     }
 }
 
-fn fake_answer(state: &Value, path: &str) -> (u16, Value) {
-    let list = |kind: &str, items: &Value| json!({ "kind": kind, "apiVersion": "v1", "metadata": { "resourceVersion": "1" }, "items": items });
-    match path {
-        "/api/v1/configmaps" => (200, list("ConfigMapList", &state["configmaps"])),
-        "/api/v1/pods" => (200, list("PodList", &state["pods"])),
-        "/api/v1/namespaces/sidemesh-system/secrets/sidemesh-issuer" => (200, state["secret"].clone()),
-        _ => {
-            // /api/v1/namespaces/<ns>/pods/<name>:15020/proxy/debug/state
-            let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-            if let ["api", "v1", "namespaces", ns, "pods", pod, "proxy", "debug", "state"] = parts.as_slice()
-                && let Some(name) = pod.strip_suffix(":15020")
-                && let Some(doc) = state["states"].get(format!("{ns}/{name}"))
-            {
-                return (200, doc.clone());
-            }
-            (
-                404,
-                json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": format!("{path} not found") }),
-            )
+/// Merges a JSON merge patch's `data` into `object`.
+fn merge_data(object: &mut Value, patch: &Value) {
+    if let Some(data) = patch["data"].as_object() {
+        for (k, v) in data {
+            object["data"][k] = v.clone();
         }
+    }
+}
+
+fn unb64(v: &Value) -> String {
+    use base64::Engine as _;
+    v.as_str()
+        .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// A proxy's `/debug/state` as a real one would have it: it trusts its
+/// namespace's bundle, and holds a certificate from the issuer in the
+/// Secret once that issuer chains to a root it trusts (else it keeps the
+/// one it had).
+fn simulated_state(state: &mut Value, ns: &str, name: &str) -> Option<Value> {
+    let cms = state["configmaps"].as_array()?.clone();
+    let pem = cms
+        .iter()
+        .find(|cm| cm["metadata"]["namespace"] == ns)
+        .and_then(|cm| cm["data"]["ca-bundle.crt"].as_str())?
+        .to_owned();
+    let bundle = TrustBundle::from_pem(pem.as_bytes()).ok()?;
+    let cert = unb64(&state["secret"]["data"]["tls.crt"]);
+    let key = unb64(&state["secret"]["data"]["tls.key"]);
+    let key_name = format!("{ns}/{name}");
+    if let Ok(issuer) = sidemesh_identity::issuer::Issuer::from_pem(cert.as_bytes(), key.as_bytes(), &bundle) {
+        state["held"][&key_name] = json!({ "issuer": issuer.fingerprint(), "root": issuer.root_fingerprint() });
+    }
+    let held = state["held"][&key_name].clone();
+    Some(json!({
+        "identity": format!("spiffe://cluster.local/ns/{ns}/sa/{name}"),
+        "certificate": { "issuer_fingerprint": held["issuer"], "root_fingerprint": held["root"], "expiry_unix": 4_000_000_000u64 },
+        "trusted_roots": bundle.fingerprints(),
+    }))
+}
+
+fn fake_answer(state: &mut Value, method: &str, path: &str, patch: &Value) -> (u16, Value) {
+    let list = |kind: &str, items: &Value| json!({ "kind": kind, "apiVersion": "v1", "metadata": { "resourceVersion": "1" }, "items": items });
+    let not_found = || json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": format!("{path} not found") });
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (method, parts.as_slice()) {
+        ("GET", ["api", "v1", "configmaps"]) => (200, list("ConfigMapList", &state["configmaps"])),
+        ("GET", ["api", "v1", "pods"]) => (200, list("PodList", &state["pods"])),
+        (
+            "GET",
+            [
+                "api",
+                "v1",
+                "namespaces",
+                "sidemesh-system",
+                "secrets",
+                "sidemesh-issuer",
+            ],
+        ) => (200, state["secret"].clone()),
+        (
+            "PATCH",
+            [
+                "api",
+                "v1",
+                "namespaces",
+                "sidemesh-system",
+                "secrets",
+                "sidemesh-issuer",
+            ],
+        ) => {
+            merge_data(&mut state["secret"], patch);
+            (200, state["secret"].clone())
+        }
+        ("PATCH", ["api", "v1", "namespaces", ns, "configmaps", _]) => {
+            let Some(cm) = state["configmaps"]
+                .as_array_mut()
+                .and_then(|a| a.iter_mut().find(|cm| cm["metadata"]["namespace"] == *ns))
+            else {
+                return (404, not_found());
+            };
+            merge_data(cm, patch);
+            (200, cm.clone())
+        }
+        ("GET", ["api", "v1", "namespaces", ns, "pods", pod, "proxy", "debug", "state"]) => {
+            let Some(name) = pod.strip_suffix(":15020") else {
+                return (404, not_found());
+            };
+            if state["simulate"] == true {
+                return match simulated_state(state, ns, name) {
+                    Some(doc) => (200, doc),
+                    None => (404, not_found()),
+                };
+            }
+            match state["states"].get(format!("{ns}/{name}")) {
+                Some(doc) => (200, doc.clone()),
+                None => (404, not_found()),
+            }
+        }
+        _ => (404, not_found()),
     }
 }
 
@@ -1139,7 +1233,7 @@ fn check_cluster_reads_configmaps_secret_and_proxies_through_the_api_server() {
     let root_b = ca::new_root("cluster.local", 3650 * DAY).expect("root");
     let issuer = ca::new_issuer(&root_a.cert, &root_a.key, 365 * DAY).expect("issuer");
     let (a, b, i) = (fp(&root_a.cert), fp(&root_b.cert), fp(&issuer.cert));
-    let cm = |ns: &str, pem: &str| json!({ "metadata": { "name": "sidemesh-trust-bundle", "namespace": ns }, "data": { "ca-bundle.crt": pem } });
+    let cm = |ns: &str, pem: &str| json!({ "kind": "ConfigMap", "apiVersion": "v1", "metadata": { "name": "sidemesh-trust-bundle", "namespace": ns }, "data": { "ca-bundle.crt": pem } });
     let pod = |ns: &str, name: &str, injected: bool, phase: &str| {
         let annotations = if injected {
             json!({ "sidemesh.io/injected": "true" })
@@ -1189,7 +1283,7 @@ fn check_cluster_reads_configmaps_secret_and_proxies_through_the_api_server() {
     assert!(
         asked
             .iter()
-            .any(|p| p.starts_with("/api/v1/namespaces/shop/pods/web-1:15020/proxy/debug/state")),
+            .any(|p| p.starts_with("GET /api/v1/namespaces/shop/pods/web-1:15020/proxy/debug/state")),
         "{asked:?}"
     );
 
@@ -1220,4 +1314,95 @@ fn check_cluster_reads_configmaps_secret_and_proxies_through_the_api_server() {
     let (ok, doc, text) = check();
     assert!(!ok, "{text}");
     assert!(doc["problems"].to_string().contains("default/front-1"), "{text}");
+}
+
+#[test]
+fn rotate_against_a_cluster_patches_configmaps_and_the_secret_and_follows_the_pods() {
+    let root_a = ca::new_root("cluster.local", 3650 * DAY).expect("root");
+    let issuer_a = ca::new_issuer(&root_a.cert, &root_a.key, 365 * DAY).expect("issuer");
+    let (a, ia) = (fp(&root_a.cert), fp(&issuer_a.cert));
+    let cm = |ns: &str, pem: &str, labels: Value| {
+        json!({ "kind": "ConfigMap", "apiVersion": "v1",
+                "metadata": { "name": "sidemesh-trust-bundle", "namespace": ns, "labels": labels },
+                "data": { "ca-bundle.crt": pem } })
+    };
+    let pod = |ns: &str, name: &str| {
+        json!({ "metadata": { "name": name, "namespace": ns, "annotations": { "sidemesh.io/injected": "true" } },
+                "status": { "phase": "Running" } })
+    };
+    let held = json!({ "issuer": ia, "root": a });
+    let cluster = |labels: Value| {
+        json!({
+            "simulate": true,
+            "configmaps": [cm("sidemesh-system", &root_a.cert, json!({})), cm("shop", &root_a.cert, labels),
+                           cm("default", &root_a.cert, json!({}))],
+            "secret": { "kind": "Secret", "apiVersion": "v1",
+                        "metadata": { "name": "sidemesh-issuer", "namespace": "sidemesh-system" },
+                        "type": "kubernetes.io/tls",
+                        "data": { "tls.crt": b64(&issuer_a.cert), "tls.key": b64(&issuer_a.key) } },
+            "pods": [pod("shop", "web-1"), pod("default", "front-1")],
+            "held": { "shop/web-1": held, "default/front-1": held },
+        })
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rotate = |api: &FakeApi, state: &Path| {
+        let kubeconfig = api.kubeconfig(dir.path());
+        let mut cmd = Command::new(binary("sidemesh"));
+        cmd.args([
+            "trust",
+            "rotate",
+            "--yes",
+            "--timeout",
+            "20s",
+            "--poll",
+            "100ms",
+            "--state-dir",
+        ])
+        .arg(state)
+        .env("KUBECONFIG", &kubeconfig)
+        .env("NO_COLOR", "1");
+        let out = run_bounded(&mut cmd, Duration::from_secs(60)).expect("sidemesh trust rotate");
+        (out.success(), format!("{}{}", out.stdout, out.stderr))
+    };
+
+    // ConfigMaps that trust-manager writes are not ours to patch.
+    let managed = FakeApi::start(cluster(
+        json!({ "trust.cert-manager.io/bundle": "sidemesh-trust-bundle" }),
+    ));
+    let (ok, out) = rotate(&managed, &dir.path().join("managed"));
+    assert!(!ok && out.contains("trust-manager"), "{out}");
+    let asked = managed.requests.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert!(!asked.iter().any(|r| r.starts_with("PATCH")), "{asked:?}");
+
+    let api = FakeApi::start(cluster(json!({})));
+    let state_dir = dir.path().join("state");
+    let (ok, out) = rotate(&api, &state_dir);
+    assert!(ok, "{out}");
+    assert!(out.contains("2 of 2 proxies trust the new root"), "{out}");
+    assert!(out.contains("rotation complete"), "{out}");
+    let b = fp(&std::fs::read_to_string(state_dir.join("new-root.crt")).expect("root"));
+    let ib = fp(&std::fs::read_to_string(state_dir.join("new-issuer.crt")).expect("issuer"));
+    let st = api.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    for cm in st["configmaps"].as_array().expect("configmaps") {
+        let bundle =
+            TrustBundle::from_pem(cm["data"]["ca-bundle.crt"].as_str().unwrap_or("").as_bytes()).expect("bundle");
+        assert_eq!(
+            bundle.fingerprints(),
+            vec![b.clone()],
+            "{}",
+            cm["metadata"]["namespace"]
+        );
+    }
+    assert_eq!(fp(&unb64(&st["secret"]["data"]["tls.crt"])), ib);
+    assert_eq!(st["held"]["shop/web-1"]["root"], b.as_str());
+    let asked = api.requests.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let patches: Vec<&String> = asked.iter().filter(|r| r.starts_with("PATCH")).collect();
+    // Three namespaces twice (A+B, then B), and the Secret once.
+    assert_eq!(patches.len(), 7, "{patches:?}");
+    assert!(
+        asked
+            .iter()
+            .any(|r| r.contains("/pods/front-1:15020/proxy/debug/state")),
+        "{asked:?}"
+    );
 }
