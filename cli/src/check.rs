@@ -9,6 +9,10 @@
 //! issuer expires within the threshold, when a chain does not verify, or when
 //! a proxy disagrees with the bundle (or, without a bundle, with the others).
 //!
+//! With `--cluster` it reads the bundle ConfigMap of every namespace, the
+//! issuer Secret and every injected Pod's `/debug/state` (through the API
+//! server's Pod proxy) from the cluster of the kubeconfig.
+//!
 //! The observation helpers here are also what `sidemesh trust rotate` watches
 //! between its steps.
 

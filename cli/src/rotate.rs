@@ -153,6 +153,10 @@ pub struct RotateArgs {
     /// How often proxies are polled while waiting.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub poll: Duration,
+    /// `SIDEMESH_RENEW_JITTER` of the components not watched (the destination service): without
+    /// `--tls-endpoints` to see them, step 5 lasts at least this long after the issuer switch.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub renew_jitter: Duration,
     /// Do not ask before the steps that change the mesh.
     #[arg(long, short = 'y')]
     pub yes: bool,
@@ -173,6 +177,9 @@ struct State {
     old_issuer: String,
     new_root: Option<Pair>,
     new_issuer: Option<Pair>,
+    /// When the new issuer was installed (Unix seconds).
+    #[serde(default)]
+    issuer_installed_unix: Option<u64>,
     /// Steps completed.
     done: Vec<Step>,
     started_unix: u64,
@@ -334,6 +341,7 @@ fn begin(args: &RotateArgs, target: &Target, rt: &tokio::runtime::Runtime) -> an
         old_issuer: issuer.fingerprint().to_owned(),
         new_root: None,
         new_issuer: None,
+        issuer_installed_unix: None,
         done: Vec::new(),
         started_unix: now,
         updated_unix: now,
@@ -1061,6 +1069,8 @@ impl Rotation {
             )?;
             self.target.write_issuer(&self.rt, &cert_pem, &key_pem)?;
             println!("      installed issuer {} into {name}", short(Some(&pair.fingerprint)));
+            self.state.issuer_installed_unix = Some(now_unix());
+            self.save()?;
         }
         if let Some(addr) = self.args.identity_addr.clone() {
             self.wait_identity(&addr, &bundle, &pair.fingerprint)?;
@@ -1148,7 +1158,25 @@ impl Rotation {
             Some(&client),
             &|p| p.issuer.as_deref() == Some(issuer.as_str()),
             Some(&|s| s.issuer.as_deref() == Some(issuer.as_str()) && s.chain_error.is_none() && s.error.is_none()),
-        )
+        )?;
+        // What is not watched (the destination service, unless given as a
+        // TLS endpoint) re-certifies within its jitter of the switch: let
+        // that pass before the old roots can go.
+        if self.args.tls_endpoints.is_empty()
+            && let Some(at) = self.state.issuer_installed_unix
+        {
+            let until = at + self.args.renew_jitter.as_secs();
+            let now = now_unix();
+            if now < until {
+                println!(
+                    "      waiting {} s more for the control plane to re-certify (--renew-jitter; \
+                     --tls-endpoints would show it instead)",
+                    until - now
+                );
+                std::thread::sleep(Duration::from_secs(until - now));
+            }
+        }
+        Ok(())
     }
 
     /// Step 6.

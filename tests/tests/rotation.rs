@@ -1356,6 +1356,8 @@ fn rotate_against_a_cluster_patches_configmaps_and_the_secret_and_follows_the_po
             "20s",
             "--poll",
             "100ms",
+            "--renew-jitter",
+            "1s",
             "--state-dir",
         ])
         .arg(state)
