@@ -105,12 +105,36 @@ struct Counters {
     latencies: Vec<f64>,
 }
 
-/// `load <http-url> <tcp-addr> <rps> <out-file>`.
-async fn load(url: String, tcp: String, rps: u32, out: PathBuf) -> anyhow::Result<()> {
+/// Where the load generator sends and reads from.
+struct LoadTarget {
+    /// The Service URL.
+    url: String,
+    /// The TCP service, or `-` for none.
+    tcp: String,
+    /// Connect here instead of the URL's authority (the proxy, without iptables).
+    via: Option<String>,
+    /// The local proxy's admin address.
+    admin: String,
+}
+
+/// `load <http-url> <tcp-addr|-> <rps> <out-file> [<via> <admin>]`.
+async fn load(target: LoadTarget, rps: u32, out: PathBuf) -> anyhow::Result<()> {
+    let LoadTarget {
+        url,
+        tcp,
+        via,
+        admin: admin_addr,
+    } = target;
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let counters = Arc::new(Mutex::new(Counters::default()));
     let started = Instant::now();
-    let uri: http::Uri = url.parse().context("load URL")?;
+    let service: http::Uri = url.parse().context("load URL")?;
+    let host = service.authority().map(|a| a.to_string()).unwrap_or_default();
+    // Without iptables the request goes to the proxy and names the Service.
+    let uri: http::Uri = match &via {
+        Some(via) => format!("http://{via}{}", service.path()).parse().context("via")?,
+        None => service.clone(),
+    };
     // Open-loop: a request every 1/rps seconds, whatever the answers do.
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rps.max(1))));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -123,9 +147,14 @@ async fn load(url: String, tcp: String, rps: u32, out: PathBuf) -> anyhow::Resul
                 let client = client.clone();
                 let counters = counters.clone();
                 let uri = uri.clone();
+                let host = host.clone();
                 tokio::spawn(async move {
                     let t = Instant::now();
-                    let result = client.get(uri).await;
+                    let req = http::Request::get(uri).header(http::header::HOST, host.as_str()).body(Empty::new());
+                    let result = match req {
+                        Ok(req) => client.request(req).await.map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
                     let ms = t.elapsed().as_secs_f64() * 1e3;
                     let (ok, body) = match result {
                         Ok(rsp) => {
@@ -148,7 +177,7 @@ async fn load(url: String, tcp: String, rps: u32, out: PathBuf) -> anyhow::Resul
                     }
                 });
             }
-            _ = tcp_tick.tick() => {
+            _ = tcp_tick.tick(), if tcp != "-" => {
                 let counters = counters.clone();
                 let tcp = tcp.clone();
                 tokio::spawn(async move {
@@ -158,8 +187,8 @@ async fn load(url: String, tcp: String, rps: u32, out: PathBuf) -> anyhow::Resul
                 });
             }
             _ = report.tick() => {
-                let metrics = fetch(&admin, "http://127.0.0.1:15020/metrics").await;
-                let state = serde_json::from_str(&fetch(&admin, "http://127.0.0.1:15020/debug/state").await).unwrap_or_default();
+                let metrics = fetch(&admin, &format!("http://{admin_addr}/metrics")).await;
+                let state = serde_json::from_str(&fetch(&admin, &format!("http://{admin_addr}/debug/state")).await).unwrap_or_default();
                 let snap = {
                     let mut c = counters.lock().unwrap_or_else(|p| p.into_inner());
                     let mut lat = std::mem::take(&mut c.latencies);
@@ -220,7 +249,15 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
         match arg(0).as_str() {
             "http" => http_server(&arg(1), arg(2), arg(3).parse().unwrap_or(0.0)).await,
             "echo" => echo_server(&arg(1)).await,
-            "load" => load(arg(1), arg(2), arg(3).parse().unwrap_or(100), PathBuf::from(arg(4))).await,
+            "load" => {
+                let target = LoadTarget {
+                    url: arg(1),
+                    tcp: arg(2),
+                    via: args.get(5).cloned(),
+                    admin: args.get(6).cloned().unwrap_or_else(|| "127.0.0.1:15020".to_owned()),
+                };
+                load(target, arg(3).parse().unwrap_or(100), PathBuf::from(arg(4))).await
+            }
             other => anyhow::bail!("unknown demo workload {other:?}"),
         }
     })

@@ -22,6 +22,8 @@ use net::Net;
 
 /// The demo mesh objects (addresses match [`net::POD_PREFIX`]).
 const MESH_YAML: &str = include_str!("../../../examples/demo/mesh.yaml");
+/// The same on loopback addresses, for a demo without network namespaces.
+const MESH_LOOPBACK_YAML: &str = include_str!("../../../examples/demo/mesh-loopback.yaml");
 
 /// Workload Pods: (pod, namespace, serviceaccount, last octet, application args).
 const WORKLOADS: &[(&str, &str, &str, u8, &[&str])] = &[
@@ -99,7 +101,8 @@ fn netns_unavailable() -> Option<String> {
 struct Demo {
     exe: PathBuf,
     dir: tempfile::TempDir,
-    net: Net,
+    /// `None` on loopback (no namespaces, no capture).
+    net: Option<Net>,
     children: Vec<(String, Child)>,
 }
 
@@ -118,19 +121,28 @@ impl Demo {
         env: &[(&str, String)],
     ) -> anyhow::Result<()> {
         let log = std::fs::File::create(self.log(name))?;
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.net.ns(pod)]);
-        if let Some(uid) = uid {
+        let mut cmd = match &self.net {
+            Some(net) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", &net.ns(pod)]);
+                cmd
+            }
+            None => Command::new(&self.exe),
+        };
+        if let (Some(uid), Some(_)) = (uid, &self.net) {
             let uid = uid.to_string();
             cmd.args(["setpriv", "--reuid", &uid, "--regid", &uid, "--clear-groups"]);
         }
-        cmd.arg(&self.exe).arg("__component").args(args);
+        if self.net.is_some() {
+            cmd.arg(&self.exe);
+        }
+        cmd.arg("__component").args(args);
         cmd.env("SIDEMESH_LOG", "warn").env("NO_COLOR", "1");
         for (k, v) in env {
             cmd.env(k, v);
         }
-        // Own process group: Ctrl-C in the terminal reaches the demo, which
-        // then stops everything in order.
+        // Own process group: Ctrl-C in the terminal reaches only the demo,
+        // which then stops everything in order.
         use std::os::unix::process::CommandExt as _;
         cmd.process_group(0)
             .stdin(Stdio::null())
@@ -141,13 +153,24 @@ impl Demo {
         Ok(())
     }
 
+    /// A command run inside Pod `pod` (on loopback: right here).
+    fn in_pod(&self, pod: &str) -> Command {
+        match &self.net {
+            Some(net) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", &net.ns(pod)]).arg(&self.exe);
+                cmd
+            }
+            None => Command::new(&self.exe),
+        }
+    }
+
     /// Waits until `url` answers 200 inside `pod`.
     fn wait_ok(&mut self, name: &str, pod: &str, url: &str, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            let status = Command::new("ip")
-                .args(["netns", "exec", &self.net.ns(pod)])
-                .arg(&self.exe)
+            let status = self
+                .in_pod(pod)
                 .args(["__component", "probe", url])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -172,11 +195,16 @@ impl Demo {
 
     fn stop(&mut self) -> usize {
         let n = self.children.len();
-        for (_, child) in &self.children {
-            // The whole group: `ip netns exec` and `setpriv` exec, but be thorough.
-            let _ = Command::new("kill")
-                .args(["-TERM", &format!("-{}", child.id())])
-                .status();
+        for (_, child) in &mut self.children {
+            // `ip netns exec` and `setpriv` exec in place, so the child is the
+            // component itself: SIGTERM it by its own (positive) PID, never a
+            // process group — `kill -TERM -N` is read differently by
+            // different kill(1)s, and one reading signals every process.
+            if child.try_wait().ok().flatten().is_none() {
+                let _ = Command::new("kill")
+                    .args(["-s", "TERM", &child.id().to_string()])
+                    .status();
+            }
         }
         let deadline = Instant::now() + Duration::from_secs(3);
         for (_, child) in &mut self.children {
@@ -184,9 +212,6 @@ impl Demo {
                 std::thread::sleep(Duration::from_millis(20));
             }
             if child.try_wait().ok().flatten().is_none() {
-                let _ = Command::new("kill")
-                    .args(["-KILL", &format!("-{}", child.id())])
-                    .status();
                 let _ = child.kill();
                 let _ = child.wait();
             }
@@ -216,7 +241,16 @@ fn write(path: &Path, contents: &str, mode: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn setup(exe: PathBuf) -> anyhow::Result<Demo> {
+/// Where the workload Pod with last octet `octet` lives.
+fn pod_addr(loopback: bool, octet: u8) -> String {
+    if loopback {
+        format!("127.0.250.{octet}")
+    } else {
+        net::pod_ip(octet).to_string()
+    }
+}
+
+fn setup(exe: PathBuf, loopback: bool) -> anyhow::Result<Demo> {
     use std::os::unix::fs::PermissionsExt as _;
     let dir = tempfile::Builder::new().prefix("sidemesh-demo-").tempdir()?;
     // Proxies run as UID 1337 and read the bundle and their tokens.
@@ -228,7 +262,11 @@ fn setup(exe: PathBuf) -> anyhow::Result<Demo> {
     write(&p("bundle.pem"), &root.cert, 0o644)?;
     write(&p("issuer.crt"), &issuer.cert, 0o644)?;
     write(&p("issuer.key"), &issuer.key, 0o600)?;
-    write(&p("mesh.yaml"), MESH_YAML, 0o644)?;
+    write(
+        &p("mesh.yaml"),
+        if loopback { MESH_LOOPBACK_YAML } else { MESH_YAML },
+        0o644,
+    )?;
     let mut tokens =
         String::from("\"token-destination\": { namespace: sidemesh-system, serviceAccount: sidemesh-destination }\n");
     for (pod, ns, sa, _, _) in WORKLOADS {
@@ -242,7 +280,7 @@ fn setup(exe: PathBuf) -> anyhow::Result<Demo> {
 
     let mut pods: Vec<(&str, u8)> = vec![("cp", 2)];
     pods.extend(WORKLOADS.iter().map(|(pod, _, _, octet, _)| (*pod, *octet)));
-    let net = Net::create(&pods)?;
+    let net = if loopback { None } else { Some(Net::create(&pods)?) };
     let mut demo = Demo {
         exe,
         dir,
@@ -252,6 +290,9 @@ fn setup(exe: PathBuf) -> anyhow::Result<Demo> {
     let s = |p: PathBuf| p.display().to_string();
     let (bundle, issuer_crt, issuer_key) = (s(p("bundle.pem")), s(p("issuer.crt")), s(p("issuer.key")));
     let reviewer = format!("file:{}", s(p("tokens.yaml")));
+    let cp = pod_addr(loopback, 2);
+    let (id_listen, id_admin) = (format!("{cp}:8443"), format!("{cp}:9990"));
+    let (dst_listen, dst_admin) = (format!("{cp}:8086"), format!("{cp}:9996"));
     demo.spawn(
         "identity",
         "cp",
@@ -259,9 +300,9 @@ fn setup(exe: PathBuf) -> anyhow::Result<Demo> {
         &[
             "identity",
             "--listen",
-            "0.0.0.0:8443",
+            &id_listen,
             "--admin-addr",
-            "0.0.0.0:9990",
+            &id_admin,
             "--token-reviewer",
             &reviewer,
             "--trust-bundle",
@@ -275,8 +316,12 @@ fn setup(exe: PathBuf) -> anyhow::Result<Demo> {
         ],
         &[],
     )?;
-    demo.wait_ok("identity", "cp", "http://127.0.0.1:9990/ready", Duration::from_secs(20))?;
-    let identity_addr = format!("{}:8443", net::pod_ip(2));
+    demo.wait_ok(
+        "identity",
+        "cp",
+        &format!("http://{id_admin}/ready"),
+        Duration::from_secs(20),
+    )?;
     let source = format!("file:{}", s(p("mesh.yaml")));
     demo.spawn(
         "destination",
@@ -285,16 +330,16 @@ fn setup(exe: PathBuf) -> anyhow::Result<Demo> {
         &[
             "destination",
             "--listen",
-            "0.0.0.0:8086",
+            &dst_listen,
             "--admin-addr",
-            "0.0.0.0:9996",
+            &dst_admin,
             "--source",
             &source,
             "--workers",
             "1",
         ],
         &[
-            ("SIDEMESH_IDENTITY_ADDR", identity_addr.clone()),
+            ("SIDEMESH_IDENTITY_ADDR", id_listen.clone()),
             ("SIDEMESH_TOKEN_PATH", s(p("destination.token"))),
             ("SIDEMESH_TRUST_BUNDLE", bundle.clone()),
         ],
@@ -302,61 +347,93 @@ fn setup(exe: PathBuf) -> anyhow::Result<Demo> {
     demo.wait_ok(
         "destination",
         "cp",
-        "http://127.0.0.1:9996/ready",
+        &format!("http://{dst_admin}/ready"),
         Duration::from_secs(20),
     )?;
 
-    for (pod, ns, sa, _, app) in WORKLOADS {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &demo.net.ns(pod)])
-            .arg(&demo.exe)
-            .args(["__component", "proxy", "init"])
-            .output()
-            .context("running proxy init")?;
-        anyhow::ensure!(
-            out.status.success(),
-            "init in {pod}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        if !app.is_empty() {
-            let mut args = vec!["app"];
-            args.extend(app.iter());
+    // Opaque TCP needs capture: the TCP service is left out on loopback.
+    let workloads: Vec<_> = WORKLOADS
+        .iter()
+        .filter(|w| !(loopback && w.4.first() == Some(&"echo")))
+        .collect();
+    for (pod, ns, sa, octet, app) in &workloads {
+        let ip = pod_addr(loopback, *octet);
+        if !loopback {
+            let out = demo
+                .in_pod(pod)
+                .args(["__component", "proxy", "init"])
+                .output()
+                .context("running proxy init")?;
+            anyhow::ensure!(
+                out.status.success(),
+                "init in {pod}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        if let [mode, listen, rest @ ..] = app {
+            // In a Pod the app listens everywhere (its proxy delivers on
+            // 127.0.0.1); on loopback, on its own address.
+            let listen = if loopback { listen.replace("0.0.0.0", &ip) } else { (*listen).to_owned() };
+            let mut args = vec!["app", mode, listen.as_str()];
+            args.extend(rest.iter());
             demo.spawn(&format!("{pod}-app"), pod, None, &args, &[])?;
         }
-        demo.spawn(
-            &format!("{pod}-proxy"),
-            pod,
-            Some(1337),
-            &["proxy", "run"],
-            &[
-                ("SIDEMESH_IDENTITY_ADDR", identity_addr.clone()),
-                ("SIDEMESH_DESTINATION_ADDR", format!("{}:8086", net::pod_ip(2))),
-                ("SIDEMESH_TOKEN_PATH", s(p(&format!("{pod}.token")))),
-                ("SIDEMESH_TRUST_BUNDLE", bundle.clone()),
-                (
-                    "SIDEMESH_WORKLOAD_ID",
-                    format!("spiffe://cluster.local/ns/{ns}/sa/{sa}"),
-                ),
-                ("SIDEMESH_INBOUND_POLICY", "strict".to_owned()),
-            ],
-        )?;
+        let mut env = vec![
+            ("SIDEMESH_IDENTITY_ADDR", id_listen.clone()),
+            ("SIDEMESH_DESTINATION_ADDR", dst_listen.clone()),
+            ("SIDEMESH_TOKEN_PATH", s(p(&format!("{pod}.token")))),
+            ("SIDEMESH_TRUST_BUNDLE", bundle.clone()),
+            (
+                "SIDEMESH_WORKLOAD_ID",
+                format!("spiffe://cluster.local/ns/{ns}/sa/{sa}"),
+            ),
+            ("SIDEMESH_INBOUND_POLICY", "strict".to_owned()),
+        ];
+        if loopback {
+            // No capture: each proxy on its own loopback address, delivering
+            // inbound traffic to its application's fixed port.
+            env.extend([
+                ("SIDEMESH_INBOUND_ADDR", format!("{ip}:15006")),
+                ("SIDEMESH_OUTBOUND_ADDR", format!("{ip}:15001")),
+                ("SIDEMESH_ADMIN_ADDR", format!("{ip}:15020")),
+                ("SIDEMESH_APP_ADDR", format!("{ip}:9080")),
+            ]);
+        }
+        demo.spawn(&format!("{pod}-proxy"), pod, Some(1337), &["proxy", "run"], &env)?;
     }
-    for (pod, _, _, _, _) in WORKLOADS {
+    for (pod, _, _, octet, _) in &workloads {
+        let admin = if loopback {
+            format!("{}:15020", pod_addr(true, *octet))
+        } else {
+            "127.0.0.1:15020".to_owned()
+        };
         demo.wait_ok(
             &format!("{pod}-proxy"),
             pod,
-            "http://127.0.0.1:15020/ready",
+            &format!("http://{admin}/ready"),
             Duration::from_secs(20),
         )?;
     }
     let stats = s(p("stats.json"));
-    demo.spawn(
-        "frontend-load",
-        "frontend",
-        None,
-        &["app", "load", REVIEWS_URL, RATINGS_ADDR, RPS, &stats],
-        &[],
-    )?;
+    if loopback {
+        let fe = pod_addr(true, 10);
+        let (via, admin) = (format!("{fe}:15001"), format!("{fe}:15020"));
+        demo.spawn(
+            "frontend-load",
+            "frontend",
+            None,
+            &["app", "load", "http://127.0.251.10/", "-", RPS, &stats, &via, &admin],
+            &[],
+        )?;
+    } else {
+        demo.spawn(
+            "frontend-load",
+            "frontend",
+            None,
+            &["app", "load", REVIEWS_URL, RATINGS_ADDR, RPS, &stats],
+            &[],
+        )?;
+    }
     Ok(demo)
 }
 
@@ -367,18 +444,19 @@ pub fn run(duration: Option<u64>, no_netns: bool) -> anyhow::Result<()> {
     } else {
         netns_unavailable()
     };
-    if let Some(why) = why {
-        anyhow::bail!(
-            "the demo needs network namespaces and iptables ({why}); a loopback fallback is not built yet — run as root: sudo $(which sidemesh) demo"
-        );
-    }
+    let loopback = why.is_some();
     let exe = std::env::current_exe().context("locating the sidemesh binary")?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    println!(
-        "sidemesh demo: starting the control plane and 5 workloads in network namespaces (real iptables capture, mTLS)…"
-    );
+    match &why {
+        Some(why) => println!(
+            "sidemesh demo: no network namespaces ({why}): running on loopback ports 127.0.250.0/24 without traffic capture, HTTP only (as root it uses namespaces and iptables)"
+        ),
+        None => println!(
+            "sidemesh demo: starting the control plane and 5 workloads in network namespaces (real iptables capture, mTLS)…"
+        ),
+    }
     let started = Instant::now();
-    let mut demo = setup(exe)?;
+    let mut demo = setup(exe, loopback)?;
     println!(
         "mesh up in {:.1}s; driving traffic (Ctrl-C to stop)",
         started.elapsed().as_secs_f64()
@@ -413,7 +491,7 @@ pub fn run(duration: Option<u64>, no_netns: bool) -> anyhow::Result<()> {
         println!("\ninterrupted; stopping");
     }
     let processes = demo.stop();
-    let namespaces = demo.net.len();
+    let namespaces = demo.net.as_ref().map_or(0, Net::len);
     drop(demo);
     println!("{}", view.summary());
     println!("cleanup: stopped {processes} processes, removed {namespaces} network namespaces and the temporary files");
