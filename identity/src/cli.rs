@@ -1,20 +1,19 @@
 //! The `sidemesh-identity` command line: flags, start-up, shutdown.
 
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context as _;
-use clap::Parser;
-use std::ffi::OsString;
 use crate::issuer::IssuerFiles;
 use crate::server::{self, Config};
 use crate::token::TokenReviewer;
+use anyhow::Context as _;
+use clap::Parser;
 use sidemesh_identity_client::SpiffeId;
 use sidemesh_telemetry::admin::Admin;
 use sidemesh_telemetry::flags::parse_duration;
+use std::ffi::OsString;
 
 /// The sidemesh identity service: issues short-lived SPIFFE workload
 /// certificates against CSRs, authenticated by ServiceAccount tokens.

@@ -373,7 +373,11 @@ fn setup(exe: PathBuf, loopback: bool) -> anyhow::Result<Demo> {
         if let [mode, listen, rest @ ..] = app {
             // In a Pod the app listens everywhere (its proxy delivers on
             // 127.0.0.1); on loopback, on its own address.
-            let listen = if loopback { listen.replace("0.0.0.0", &ip) } else { (*listen).to_owned() };
+            let listen = if loopback {
+                listen.replace("0.0.0.0", &ip)
+            } else {
+                (*listen).to_owned()
+            };
             let mut args = vec!["app", mode, listen.as_str()];
             args.extend(rest.iter());
             demo.spawn(&format!("{pod}-app"), pod, None, &args, &[])?;

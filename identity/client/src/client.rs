@@ -28,7 +28,12 @@ pub fn channel(addr: &str, server_id: SpiffeId, trust: TrustStore) -> Result<Cha
 
 /// As [`channel`], presenting the workload certificate `cert` (mTLS), as
 /// proxies do towards the destination service.
-pub fn mtls_channel(addr: &str, server_id: SpiffeId, trust: TrustStore, cert: CurrentCert) -> Result<Channel, ClientError> {
+pub fn mtls_channel(
+    addr: &str,
+    server_id: SpiffeId,
+    trust: TrustStore,
+    cert: CurrentCert,
+) -> Result<Channel, ClientError> {
     tls_channel(addr, server_id, trust, Some(cert))
 }
 
