@@ -1408,3 +1408,79 @@ fn rotate_against_a_cluster_patches_configmaps_and_the_secret_and_follows_the_po
         "{asked:?}"
     );
 }
+
+#[test]
+fn identity_warns_when_its_issuer_or_a_root_nears_its_end() {
+    use sidemesh_tests::process::http_get;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // An issuer with 10 days left, and a second root with 20 days left.
+    let pki = sidemesh_tests::pki::Pki::with_issuer_lifetime(dir.path(), 10 * DAY);
+    let short_root = ca::new_root("cluster.local", 20 * DAY).expect("root");
+    pki::write(
+        &pki.path("bundle.pem"),
+        &format!("{}{}", pki.root.cert, short_root.cert),
+    );
+    pki::write(&pki.path("tokens.yaml"), &pki::token_line("t", "default", "x"));
+    let admin = format!("127.0.0.1:{}", sidemesh_tests::free_port());
+    let listen = format!("127.0.0.1:{}", sidemesh_tests::free_port());
+    let p = |n: &str| pki.path(n).display().to_string();
+    let reviewer = format!("file:{}", p("tokens.yaml"));
+    let mut identity = Proc::start(
+        "sidemesh-identity",
+        &[
+            "--listen",
+            &listen,
+            "--admin-addr",
+            &admin,
+            "--token-reviewer",
+            &reviewer,
+            "--trust-bundle",
+            &p("bundle.pem"),
+            "--issuer-cert",
+            &p("issuer.crt"),
+            "--issuer-key",
+            &p("issuer.key"),
+        ],
+        &[],
+        dir.path(),
+    );
+    identity.wait_ready(&admin, T);
+    let m = http_get(&admin, "/metrics").map(|(_, b)| b).unwrap_or_default();
+    assert_eq!(
+        metric_value(&m, "sidemesh_identity_ca_expiring", &["kind=\"issuer\""]),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(&m, "sidemesh_identity_ca_expiring", &["kind=\"root\""]),
+        1.0,
+        "{m}"
+    );
+    let issuer_left = metric_value(
+        &m,
+        "sidemesh_identity_ca_time_to_expiry_seconds",
+        &["kind=\"issuer\"", &format!("fingerprint=\"{}\"", fp(&pki.issuer.cert))],
+    );
+    assert!(issuer_left > 9.0 * 86400.0 && issuer_left <= 10.0 * 86400.0, "{m}");
+    let root_left = metric_value(
+        &m,
+        "sidemesh_identity_ca_time_to_expiry_seconds",
+        &["kind=\"root\"", &format!("fingerprint=\"{}\"", fp(&short_root.cert))],
+    );
+    assert!(root_left > 19.0 * 86400.0 && root_left <= 20.0 * 86400.0, "{m}");
+    let log = identity.log();
+    assert!(log.contains("issuer expires within 30 days"), "{log}");
+    assert!(log.contains("root expires within 30 days"), "{log}");
+    // The short root leaves the bundle: it is no longer reported.
+    pki::write(&pki.path("bundle.pem"), &pki.root.cert);
+    let deadline = Instant::now() + T;
+    loop {
+        let m = http_get(&admin, "/metrics").map(|(_, b)| b).unwrap_or_default();
+        if metric_value(&m, "sidemesh_identity_ca_expiring", &["kind=\"root\""]) == 0.0 {
+            assert!(!m.contains(&fp(&short_root.cert)), "{m}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the bundle change was not reflected: {m}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
