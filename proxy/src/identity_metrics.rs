@@ -16,7 +16,7 @@ fn unix_seconds(t: std::time::SystemTime) -> f64 {
 /// Registers the identity gauges on `meter`. Without an identity (plaintext
 /// mode) nothing is registered: there is nothing to report.
 ///
-/// - `sidemesh.proxy.certificate.expiry`: end of validity, Unix seconds;
+/// - `sidemesh.proxy.certificate.expiry_timestamp`: end of validity, Unix seconds;
 /// - `sidemesh.proxy.certificate.info`: 1, labelled `identity`,
 ///   `issuer_fingerprint`, `root_fingerprint`;
 /// - `sidemesh.proxy.trust.roots`: number of trusted roots;
@@ -25,7 +25,7 @@ pub fn register(meter: &Meter, certs: Option<&CertManager>, trust: Option<&Trust
     if let Some(certs) = certs {
         let held = certs.clone();
         meter
-            .f64_observable_gauge("sidemesh.proxy.certificate.expiry")
+            .f64_observable_gauge("sidemesh.proxy.certificate.expiry_timestamp")
             .with_description("End of validity of the workload certificate in use, Unix time")
             .with_unit("s")
             .with_callback(move |obs| {
