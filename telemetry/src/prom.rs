@@ -253,14 +253,18 @@ fn sanitize(name: &str, allow_colon: bool) -> String {
     out
 }
 
-/// The Prometheus name of an OTel instrument.
+/// The Prometheus name of an OTel instrument. As the collector's translator
+/// does, a unit already in the name is not repeated (`sidemesh.tcp.bytes` in
+/// `By` is `sidemesh_tcp_bytes_total`, not `…_bytes_bytes_total`).
 fn prom_name(metric: &Metric, kind: Kind, monotonic: bool) -> String {
     let mut name = sanitize(metric.name(), true);
-    if let Some(suffix) = unit_suffix(metric.unit()) {
+    if let Some(suffix) = unit_suffix(metric.unit())
+        && !name.ends_with(&format!("_{suffix}"))
+    {
         name.push('_');
         name.push_str(&suffix);
     }
-    if kind == Kind::Counter && monotonic {
+    if kind == Kind::Counter && monotonic && !name.ends_with("_total") {
         name.push_str("_total");
     }
     name
@@ -560,6 +564,8 @@ mod tests {
             .with_boundaries(vec![0.1, 1.0])
             .build();
         let g = meter.i64_up_down_counter("sidemesh.tcp.connections.active").build();
+        let b = meter.u64_counter("sidemesh.tcp.bytes").with_unit("By").build();
+        b.add(10, &[]);
         let t0 = Instant::now();
         c.add(2, &[KeyValue::new("route", "shop/r")]);
         h.record(0.05, &[KeyValue::new("http.request.method", "GET")]);
@@ -585,6 +591,10 @@ mod tests {
             "{page}"
         );
         assert!(page.contains("sidemesh_tcp_connections_active 3\n"), "{page}");
+        assert!(
+            page.contains("sidemesh_tcp_bytes_total 10\n"),
+            "unit not repeated: {page}"
+        );
 
         // Deltas add up across scrapes.
         c.add(1, &[KeyValue::new("route", "shop/r")]);
