@@ -482,7 +482,7 @@ pub fn run(duration: Option<u64>, no_netns: bool) -> anyhow::Result<()> {
                 view.update(snap);
                 if tty {
                     print!("\x1b[2J\x1b[H{}", view.render());
-                } else if view.seconds() % 5 == 0 {
+                } else if view.seconds().is_multiple_of(5) {
                     println!("{}", view.line());
                 }
             }

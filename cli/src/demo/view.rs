@@ -146,8 +146,8 @@ impl View {
         );
         let _ = writeln!(
             out,
-            "  {:<12} {:<10} {:<24} {:<10} {:<10} {:<8} {}",
-            "requests/s", "success", "success before retries", "p50", "p99", "retries", "budget exhausted"
+            "  {:<12} {:<10} {:<24} {:<10} {:<10} {:<8} budget exhausted",
+            "requests/s", "success", "success before retries", "p50", "p99", "retries"
         );
         let before = success_before_retries(&c.metrics)
             .map(|s| format!("{:.2}%", 100.0 * s))
