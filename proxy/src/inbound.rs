@@ -171,7 +171,7 @@ async fn serve_mesh(proxy: &Arc<Proxy>, stream: Downstream, peer: SocketAddr, ap
     let Some(pool) = &proxy.pool else {
         anyhow::bail!("no mesh identity");
     };
-    let acceptor = tokio_rustls::TlsAcceptor::from(pool.tls().server());
+    let acceptor = tokio_rustls::TlsAcceptor::from(pool.tls().server()?);
     let accepted = tokio::time::timeout(crate::pool::CONNECT_TIMEOUT, acceptor.accept(stream)).await;
     proxy
         .telemetry

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use rustls::{ClientConfig, ServerConfig};
 use sidemesh_identity_client::tls::CurrentCert;
 use sidemesh_identity_client::verify::{ClientIdVerifier, ServerIdVerifier};
-use sidemesh_identity_client::{SpiffeId, TrustStore};
+use sidemesh_identity_client::{SpiffeId, TrustBundle, TrustStore};
 
 /// ALPN of HTTP carried between proxies over HTTP/2.
 pub const ALPN_HTTP: &[u8] = b"sidemesh.h2";
@@ -28,10 +28,20 @@ type ClientKey = (SpiffeId, &'static [u8]);
 pub struct MeshTls {
     cert: CurrentCert,
     trust: TrustStore,
+    state: Mutex<Configs>,
+}
+
+/// Configurations made under one trust bundle. They hold the TLS session
+/// caches, and a resumed session skips certificate verification: when the
+/// bundle changes they are all made anew, so nothing established under a
+/// root that is no longer trusted can be resumed.
+#[derive(Debug)]
+struct Configs {
+    bundle: Arc<TrustBundle>,
     server: Arc<ServerConfig>,
-    // One client config per peer identity: the TLS session cache lives in the
-    // config, so reusing it lets reconnections resume instead of full handshakes.
-    clients: Mutex<HashMap<ClientKey, Arc<ClientConfig>>>,
+    // One client config per peer identity: reusing it lets reconnections
+    // resume instead of running full handshakes.
+    clients: HashMap<ClientKey, Arc<ClientConfig>>,
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -41,31 +51,50 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 impl MeshTls {
     /// Configurations presenting `cert` and verifying against `trust`.
     pub fn new(cert: CurrentCert, trust: TrustStore) -> Result<Self, rustls::Error> {
+        let configs = Configs {
+            bundle: trust.current(),
+            server: Self::make_server(&cert, &trust)?,
+            clients: HashMap::new(),
+        };
+        Ok(Self {
+            cert,
+            trust,
+            state: Mutex::new(configs),
+        })
+    }
+
+    fn make_server(cert: &CurrentCert, trust: &TrustStore) -> Result<Arc<ServerConfig>, rustls::Error> {
         let mut server = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(Arc::new(ClientIdVerifier::new(trust.clone())))
             .with_cert_resolver(Arc::new(cert.clone()));
         server.alpn_protocols = vec![ALPN_HTTP.to_vec(), ALPN_TCP.to_vec()];
         server.max_early_data_size = 0;
-        Ok(Self {
-            cert,
-            trust,
-            server: Arc::new(server),
-            clients: Mutex::default(),
-        })
+        Ok(Arc::new(server))
+    }
+
+    /// The configurations for the bundle in force, remade if it changed.
+    fn configs(&self) -> Result<std::sync::MutexGuard<'_, Configs>, rustls::Error> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let bundle = self.trust.current();
+        if !Arc::ptr_eq(&bundle, &state.bundle) {
+            state.server = Self::make_server(&self.cert, &self.trust)?;
+            state.clients.clear();
+            state.bundle = bundle;
+        }
+        Ok(state)
     }
 
     /// The inbound side's configuration.
-    pub fn server(&self) -> Arc<ServerConfig> {
-        self.server.clone()
+    pub fn server(&self) -> Result<Arc<ServerConfig>, rustls::Error> {
+        Ok(self.configs()?.server.clone())
     }
 
     /// A client configuration that accepts only `peer` and offers `alpn`.
     pub fn client(&self, peer: &SpiffeId, alpn: &'static [u8]) -> Result<Arc<ClientConfig>, rustls::Error> {
         let key = (peer.clone(), alpn);
-        if let Ok(clients) = self.clients.lock()
-            && let Some(c) = clients.get(&key)
-        {
+        let mut configs = self.configs()?;
+        if let Some(c) = configs.clients.get(&key) {
             return Ok(c.clone());
         }
         let mut config = ClientConfig::builder_with_provider(provider())
@@ -75,9 +104,7 @@ impl MeshTls {
             .with_client_cert_resolver(Arc::new(self.cert.clone()));
         config.alpn_protocols = vec![alpn.to_vec()];
         let config = Arc::new(config);
-        if let Ok(mut clients) = self.clients.lock() {
-            clients.insert(key, config.clone());
-        }
+        configs.clients.insert(key, config.clone());
         Ok(config)
     }
 }

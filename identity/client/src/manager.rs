@@ -147,7 +147,15 @@ async fn run(
                 at.duration_since(SystemTime::now()).unwrap_or_default()
             }
             Err(e) => {
-                let jittered = backoff.mul_f64(jitter(0.5..1.0));
+                // Never sleep past a good part of what the current certificate
+                // has left, however long the backoff has grown.
+                let left = tx
+                    .borrow()
+                    .as_ref()
+                    .and_then(|c| c.not_after.duration_since(SystemTime::now()).ok())
+                    .map(|d| d / 4);
+                let capped = left.map_or(backoff, |l| backoff.min(l.max(BACKOFF_MIN)));
+                let jittered = capped.mul_f64(jitter(0.5..1.0));
                 tracing::warn!(error = %e, retry_in_ms = jittered.as_millis() as u64, "certification failed; the current certificate stays in use");
                 backoff = (backoff * 2).min(BACKOFF_MAX);
                 jittered
