@@ -1,6 +1,5 @@
 //! The `sidemesh-proxy` command line: `run` (the default) and `init`.
 
-
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
