@@ -128,10 +128,10 @@ pub(crate) fn tls_config(signal: Signal) -> Result<Option<ClientTlsConfig>, Tele
 
 /// The resource of every signal: `OTEL_RESOURCE_ATTRIBUTES` and
 /// `OTEL_SERVICE_NAME` as the SDK reads them, `service.name` defaulting to the
-/// component, and a `service.instance.id` when none is given (so that the
-/// series of many proxies stay apart after OTLP → Prometheus, where it becomes
-/// the `instance` label): `<namespace>/<pod>` from `POD_NAMESPACE` and
-/// `POD_NAME` (or `HOSTNAME`), plus the process id outside Kubernetes.
+/// component, and a `service.instance.id` when none is given, so that the
+/// series of many proxies stay apart after OTLP → Prometheus (where it
+/// becomes the `instance` label): `<namespace>/<pod>` in Kubernetes (the
+/// hostname is the Pod's name), `<hostname>/<pid>` elsewhere.
 pub(crate) fn resource(service_name: &'static str) -> Resource {
     let attrs = non_empty_env("OTEL_RESOURCE_ATTRIBUTES").unwrap_or_default();
     let given = |key: &str| {
@@ -159,9 +159,10 @@ fn instance_id() -> String {
                 .map(|h| h.trim().to_owned())
         })
         .unwrap_or_else(|| "localhost".to_owned());
-    match (non_empty_env("POD_NAMESPACE"), non_empty_env("POD_NAME")) {
-        (Some(ns), Some(_)) => format!("{ns}/{host}"),
-        _ => format!("{host}/{}", std::process::id()),
+    if non_empty_env("KUBERNETES_SERVICE_HOST").is_some() {
+        format!("{}/{host}", non_empty_env("POD_NAMESPACE").unwrap_or_default())
+    } else {
+        format!("{host}/{}", std::process::id())
     }
 }
 
