@@ -27,7 +27,7 @@ use std::time::Instant;
 
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Histogram, Meter};
+use opentelemetry::metrics::{BoundCounter, BoundHistogram, Counter, Histogram, Meter};
 use opentelemetry::trace::SpanKind;
 use sidemesh_telemetry::Traces;
 use sidemesh_telemetry::metrics::LATENCY_BUCKETS;
@@ -80,12 +80,68 @@ const MAX_LABEL_LEN: usize = 253;
 /// HTTPRoute's `namespace/name`) and `backend` (`namespace/name:port`), each
 /// `""` when there is none. Also carried to the server proxy in the
 /// [`crate::http::ROUTE_LABELS`] header so both sides label alike.
+///
+/// It also holds the instruments bound to the full attribute sets seen on
+/// the route (method, status, workload, TLS), so that recording a request
+/// neither builds nor hashes its attributes. The bindings live as long as
+/// these labels (until the next discovery update of the Service), after
+/// which the SDK may forget them.
 #[derive(Debug)]
 pub struct RouteLabels {
     service: KeyValue,
     route: KeyValue,
     backend: KeyValue,
     header: Option<HeaderValue>,
+    bound: Mutex<Vec<BoundEntry>>,
+}
+
+/// Attribute sets bound per [`RouteLabels`]; past this, records take the
+/// SDK's ordinary (hashing) path.
+const MAX_BOUND: usize = 64;
+
+/// What, besides the route, makes a request's attribute set.
+#[derive(Debug)]
+struct BoundKey<'a> {
+    direction: Direction,
+    method: &'static str,
+    status: u16,
+    mtls: bool,
+    /// `destination_workload` (outbound) or `source_workload` (inbound).
+    peer: Option<&'a KeyValue>,
+}
+
+/// Instruments bound to one attribute set, bound on first use.
+struct BoundEntry {
+    direction: Direction,
+    method: &'static str,
+    status: u16,
+    mtls: bool,
+    peer: Option<KeyValue>,
+    duration: Option<BoundHistogram<f64>>,
+    attempts: Option<BoundCounter<u64>>,
+}
+
+impl std::fmt::Debug for BoundEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoundEntry")
+            .field("method", &self.method)
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BoundEntry {
+    fn matches(&self, k: &BoundKey<'_>) -> bool {
+        self.direction == k.direction
+            && self.status == k.status
+            && self.mtls == k.mtls
+            && self.method == k.method
+            && match (&self.peer, k.peer) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a.value.as_str() == b.value.as_str(),
+                _ => false,
+            }
+    }
 }
 
 fn field(s: &str) -> &str {
@@ -101,6 +157,7 @@ impl RouteLabels {
             route: KeyValue::new("route", Arc::<str>::from(route)),
             backend: KeyValue::new("backend", Arc::<str>::from(backend)),
             header: HeaderValue::from_str(&header).ok(),
+            bound: Mutex::default(),
         })
     }
 
@@ -113,6 +170,7 @@ impl RouteLabels {
                 route: KeyValue::new("route", ""),
                 backend: KeyValue::new("backend", ""),
                 header: None,
+                bound: Mutex::default(),
             })
         })
         .clone()
@@ -147,6 +205,28 @@ impl RouteLabels {
 
     fn short(&self) -> [KeyValue; 3] {
         [self.service.clone(), self.route.clone(), self.backend.clone()]
+    }
+
+    /// Runs `f` on the bound instruments of `key`'s attribute set (made on
+    /// first use); `None` when this route already binds [`MAX_BOUND`] sets.
+    fn bound<R>(&self, key: &BoundKey<'_>, f: impl FnOnce(&mut BoundEntry) -> R) -> Option<R> {
+        let mut cache = self.bound.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = cache.iter_mut().find(|e| e.matches(key)) {
+            return Some(f(e));
+        }
+        if cache.len() >= MAX_BOUND {
+            return None;
+        }
+        cache.push(BoundEntry {
+            direction: key.direction,
+            method: key.method,
+            status: key.status,
+            mtls: key.mtls,
+            peer: key.peer.cloned(),
+            duration: None,
+            attempts: None,
+        });
+        cache.last_mut().map(f)
     }
 }
 
@@ -522,10 +602,26 @@ impl ProxyTelemetry {
         ]
     }
 
+    fn outbound_key(outcome: &Outcome, status: u16) -> BoundKey<'_> {
+        BoundKey {
+            direction: Direction::Outbound,
+            method: outcome.method,
+            status,
+            mtls: outcome.mtls,
+            peer: outcome.workload.as_ref(),
+        }
+    }
+
     /// One outbound attempt ended with `status` (the proxy's own answer when
     /// it failed before a response).
     pub fn attempt(&self, outcome: &Outcome, status: u16) {
-        if let Some(i) = &self.instruments {
+        let Some(i) = &self.instruments else { return };
+        let bound = outcome.labels.bound(&Self::outbound_key(outcome, status), |e| {
+            e.attempts
+                .get_or_insert_with(|| i.attempts.bind(&Self::outbound_attrs(i, outcome, status)))
+                .add(1);
+        });
+        if bound.is_none() {
             i.attempts.add(1, &Self::outbound_attrs(i, outcome, status));
         }
     }
@@ -543,11 +639,21 @@ impl ProxyTelemetry {
     /// An outbound request answered with `status`, `started` at its arrival.
     pub fn client_done(&self, started: Instant, status: StatusCode, outcome: &Outcome, span: Option<ActiveSpan>) {
         let Some(i) = &self.instruments else { return };
-        let attrs = Self::outbound_attrs(i, outcome, status.as_u16());
-        i.client_duration.record(started.elapsed().as_secs_f64(), &attrs);
+        let seconds = started.elapsed().as_secs_f64();
+        let code = status.as_u16();
+        let bound = outcome.labels.bound(&Self::outbound_key(outcome, code), |e| {
+            e.duration
+                .get_or_insert_with(|| i.client_duration.bind(&Self::outbound_attrs(i, outcome, code)))
+                .record(seconds);
+        });
+        if bound.is_none() {
+            i.client_duration
+                .record(seconds, &Self::outbound_attrs(i, outcome, code));
+        }
         if let Some(span) = span {
             let name = span_name(outcome.method, &outcome.labels);
-            span.finish(Some(name), &attrs, status.is_client_error() || status.is_server_error());
+            let error = status.is_client_error() || status.is_server_error();
+            span.finish(Some(name), &Self::outbound_attrs(i, outcome, code), error);
         }
     }
 
@@ -564,24 +670,41 @@ impl ProxyTelemetry {
     ) {
         let Some(i) = &self.instruments else { return };
         let f = &i.fixed;
-        let attrs = [
-            f.inbound.clone(),
-            source.cloned().unwrap_or_else(|| f.no_source.clone()),
-            f.me_destination.clone(),
-            labels.service.clone(),
-            labels.route.clone(),
-            labels.backend.clone(),
-            if source.is_some() {
-                f.mtls.clone()
-            } else {
-                f.plaintext.clone()
-            },
-            KeyValue::new("http.request.method", method),
-            KeyValue::new("http.response.status_code", i64::from(status.as_u16())),
-        ];
-        i.server_duration.record(started.elapsed().as_secs_f64(), &attrs);
+        let attrs = || {
+            [
+                f.inbound.clone(),
+                source.cloned().unwrap_or_else(|| f.no_source.clone()),
+                f.me_destination.clone(),
+                labels.service.clone(),
+                labels.route.clone(),
+                labels.backend.clone(),
+                if source.is_some() {
+                    f.mtls.clone()
+                } else {
+                    f.plaintext.clone()
+                },
+                KeyValue::new("http.request.method", method),
+                KeyValue::new("http.response.status_code", i64::from(status.as_u16())),
+            ]
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        let key = BoundKey {
+            direction: Direction::Inbound,
+            method,
+            status: status.as_u16(),
+            mtls: source.is_some(),
+            peer: source,
+        };
+        let bound = labels.bound(&key, |e| {
+            e.duration
+                .get_or_insert_with(|| i.server_duration.bind(&attrs()))
+                .record(seconds);
+        });
+        if bound.is_none() {
+            i.server_duration.record(seconds, &attrs());
+        }
         if let Some(span) = span {
-            span.finish(Some(span_name(method, labels)), &attrs, status.is_server_error());
+            span.finish(Some(span_name(method, labels)), &attrs(), status.is_server_error());
         }
     }
 
@@ -726,6 +849,61 @@ mod tests {
         let long = format!("{} - -", "a".repeat(300));
         assert!(RouteLabels::parse(&HeaderValue::from_str(&long).expect("hv")).is_none());
         assert!(RouteLabels::none().header().is_none());
+    }
+
+    #[test]
+    fn bound_and_unbound_records_land_in_the_same_series() {
+        let metrics = sidemesh_telemetry::Metrics::new("test").expect("metrics");
+        let t = ProxyTelemetry::new(&metrics.meter("t"), "spiffe://td/ns/a/sa/client", None);
+        let labels = RouteLabels::new("shop/web", "shop/r", "shop/web:80");
+        let mut outcome = Outcome::new("GET");
+        outcome.labels = labels.clone();
+        outcome.workload = Some(workload("destination_workload", "spiffe://td/ns/shop/sa/web"));
+        outcome.mtls = true;
+        for status in [200, 200, 503] {
+            t.attempt(&outcome, status);
+            t.client_done(
+                Instant::now(),
+                StatusCode::from_u16(status).expect("status"),
+                &outcome,
+                None,
+            );
+        }
+        // Past the binding limit the ordinary path counts the same way.
+        for n in 0..MAX_BOUND as u16 + 5 {
+            t.client_done(
+                Instant::now(),
+                StatusCode::from_u16(300 + n).expect("status"),
+                &outcome,
+                None,
+            );
+        }
+        t.client_done(Instant::now(), StatusCode::OK, &outcome, None);
+        let page = metrics.render();
+        let line = |name: &str, status: u16| {
+            page.lines()
+                .find(|l| l.starts_with(name) && l.contains(&format!("http_response_status_code=\"{status}\"")))
+                .map(|l| l.rsplit(' ').next().unwrap_or("").to_owned())
+                .unwrap_or_default()
+        };
+        assert_eq!(line("http_client_request_duration_seconds_count{", 200), "3", "{page}");
+        assert_eq!(line("http_client_request_duration_seconds_count{", 503), "1", "{page}");
+        assert_eq!(line("sidemesh_http_attempts_total{", 200), "2", "{page}");
+        let last = 300 + MAX_BOUND as u16 + 4;
+        assert_eq!(line("http_client_request_duration_seconds_count{", last), "1", "{page}");
+        let series = page
+            .lines()
+            .filter(|l| l.starts_with("http_client_request_duration_seconds_count{"))
+            .count();
+        assert_eq!(series, 2 + MAX_BOUND + 5, "{page}");
+        assert!(
+            page.contains("destination_workload=\"spiffe://td/ns/shop/sa/web\""),
+            "{page}"
+        );
+        assert!(
+            page.contains("source_workload=\"spiffe://td/ns/a/sa/client\""),
+            "{page}"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! Benchmark: what telemetry costs on the hot path. Two client → server
-//! proxy pairs in network-namespace Pods, measured in the same run with
-//! interleaved rounds:
+//! Benchmark: what telemetry costs on the hot path. One client → server
+//! proxy pair in network-namespace Pods (mTLS, a Service with an HTTPRoute
+//! with retries), the proxies restarted between configurations and measured
+//! in interleaved rounds of the same run:
 //!
 //! - **off**: `SIDEMESH_TELEMETRY=off` on both proxies (no data-plane
 //!   instruments, no spans);
@@ -10,14 +11,15 @@
 //! - **on, every request traced**: the same proxies, every request carrying
 //!   a sampled `traceparent` (the worst case: two spans per request).
 //!
-//! Each pair serves the same Service shape (an HTTPRoute with retries).
-//! Figures: p50/p99 latency (wrk `--latency`) and the CPU of both proxies
-//! per request at a paced rate (each wrk connection waits between requests,
-//! so both pairs see the same request rate), and requests/s plus CPU per
-//! request at saturation. Medians of `BENCH_RUNS` rounds.
+//! Figures: p50/p99 latency (wrk `--latency`) and the CPU of both proxies per
+//! request at a paced rate (each wrk connection waits 2 ms between requests,
+//! so every configuration sees about the same request rate), and requests/s
+//! plus CPU per request at saturation. Pinned so that the scheduler does not
+//! decide the result: client proxy and wrk on core 0, server proxy and the
+//! application on core 1. Medians of `BENCH_RUNS` rounds.
 //!
 //! `cargo build --release --workspace --bins && cargo build --release -p sidemesh-tests --bins && cargo bench -p sidemesh-tests --bench telemetry`
-//! Needs root, iptables and wrk; says so and exits 0 otherwise.
+//! Needs root, iptables, wrk and taskset; says so and exits 0 otherwise.
 
 use std::time::{Duration, Instant};
 
@@ -91,7 +93,9 @@ fn wrk(pair: &Pair, conns: u32, secs: u64, script: Option<&str>) -> Run {
     args.push(&pair.url);
     let cpu0: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
     let t0 = Instant::now();
-    let out = pair.client.run("wrk", &args, Duration::from_secs(secs + 30));
+    let mut pinned = vec!["-c", "0", "wrk"];
+    pinned.extend(args.iter().copied());
+    let out = pair.client.run("taskset", &pinned, Duration::from_secs(secs + 30));
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu = pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu0;
     if let Some(e) = out
@@ -136,93 +140,76 @@ fn start_app(pod: &Pod) -> Proc {
     app
 }
 
+/// Pins every thread of `pid` to `core`.
+fn pin(pid: u32, core: u32) {
+    let out = std::process::Command::new("taskset")
+        .args(["-apc", &core.to_string(), &pid.to_string()])
+        .output();
+    if !out.is_ok_and(|o| o.status.success()) {
+        eprintln!("could not pin {pid} to core {core}");
+    }
+}
+
 fn main() {
-    if netns::skip_unless_tools("telemetry benchmark", &["wrk", "curl"]) {
+    if netns::skip_unless_tools("telemetry benchmark", &["wrk", "curl", "taskset"]) {
         return;
     }
     let runs = env_or("BENCH_RUNS", 5) as usize;
     let secs = env_or("BENCH_SECONDS", 5);
     let paced_conns = env_or("BENCH_PACED_CONNECTIONS", 8) as u32;
     let mesh = Mesh::start("bench-tel");
-    let out = mesh.dir().join("otlp.jsonl");
-    let _receiver = mesh.cp.start(
+    // Not in the mesh's directory: the proxies watch it (trust bundle, tokens),
+    // and every line written there would wake them.
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let out = out_dir.path().join("otlp.jsonl");
+    let receiver_proc = mesh.cp.start(
         "otlp",
         binary("sidemesh-test-otlp"),
         &["0.0.0.0:4317", &out.display().to_string()],
-        &[],
+        &[("SIDEMESH_TEST_OTLP_COUNT_ONLY", "1")],
     );
     assert!(mesh.cp.wait_listening(4317, Duration::from_secs(10)));
+    let receiver_pid = receiver_proc.pid();
 
-    let names = ["off", "on"];
-    let pods: Vec<(Pod, Pod)> = names
-        .iter()
-        .map(|n| {
-            (
-                mesh.plain_pod(&format!("client-{n}")),
-                mesh.plain_pod(&format!("server-{n}")),
-            )
-        })
-        .collect();
-    let mut objects = Vec::new();
-    for (i, (n, (c, s))) in names.iter().zip(&pods).enumerate() {
-        let svc = format!("web-{n}");
-        let (cip, sip) = (c.ip().to_string(), s.ip().to_string());
-        objects.extend([
-            service(
-                "shop",
-                &svc,
-                &service_ip(10 + i as u8).to_string(),
-                &[("http", 80)],
-                json!({}),
-            ),
-            slice(
-                "shop",
-                &format!("{svc}-1"),
-                &svc,
-                &[("http", 8080)],
-                &[(&sip, &svc, true)],
-            ),
-            pod("shop", &svc, &sip, "web", true),
-            pod("default", &format!("client-{n}"), &cip, "frontend", true),
-            httproute(
-                "shop",
-                &svc,
-                &svc,
-                Some(80),
-                vec![rule(
-                    &[(&svc, 80, 1)],
-                    json!({ "retry": { "attempts": 2, "codes": [503] } }),
-                )],
-            ),
-        ]);
-    }
-    mesh.set_objects(&yaml(&objects));
+    let (client_pod, server_pod) = (mesh.plain_pod("client"), mesh.plain_pod("server"));
+    let (cip, sip) = (client_pod.ip().to_string(), server_pod.ip().to_string());
+    mesh.set_objects(&yaml(&[
+        service("shop", "web", &service_ip(10).to_string(), &[("http", 80)], json!({})),
+        slice("shop", "web-1", "web", &[("http", 8080)], &[(&sip, "web", true)]),
+        pod("shop", "web", &sip, "web", true),
+        pod("default", "client", &cip, "frontend", true),
+        httproute(
+            "shop",
+            "web",
+            "web",
+            Some(80),
+            vec![rule(
+                &[("web", 80, 1)],
+                json!({ "retry": { "attempts": 2, "codes": [503] } }),
+            )],
+        ),
+    ]));
     let receiver = format!("http://{}:4317", mesh.cp.ip());
-    let env_for = |n: &str| -> Vec<(String, String)> {
-        if n == "off" {
-            vec![("SIDEMESH_TELEMETRY".into(), "off".into())]
-        } else {
-            vec![
-                ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), receiver.clone()),
-                ("OTEL_METRIC_EXPORT_INTERVAL".into(), "10000".into()),
-            ]
-        }
+    let off = ProxyOptions {
+        env: vec![("SIDEMESH_TELEMETRY".into(), "off".into())],
+        ..ProxyOptions::default()
     };
-    let mut apps = Vec::new();
-    let mut pairs = Vec::new();
-    for (i, (n, (c, s))) in names.iter().zip(pods).enumerate() {
-        apps.push(start_app(&s));
-        let opts = ProxyOptions {
-            env: env_for(n),
-            ..ProxyOptions::default()
-        };
-        let server = mesh.mesh(s, "shop", "web", &opts);
-        let client = mesh.mesh(c, "default", "frontend", &opts);
-        let url = format!("http://{}/", service_ip(10 + i as u8));
-        let warm = client.run("curl", &["-sf", &url], Duration::from_secs(10));
-        assert!(warm.success(), "{n}: {}", warm.stderr);
-        pairs.push(Pair { client, server, url });
-    }
+    let on = ProxyOptions {
+        env: vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), receiver),
+            ("OTEL_METRIC_EXPORT_INTERVAL".into(), "10000".into()),
+        ],
+        ..ProxyOptions::default()
+    };
+    let app = start_app(&server_pod);
+    pin(app.pid(), 1);
+    let server = mesh.mesh(server_pod, "shop", "web", &off);
+    let client = mesh.mesh(client_pod, "default", "frontend", &off);
+    let mut pair = Pair {
+        client,
+        server,
+        url: format!("http://{}/", service_ip(10)),
+    };
     let dir = mesh.dir().to_path_buf();
     let pace = dir.join("pace.lua");
     let trace = dir.join("trace.lua");
@@ -235,14 +222,24 @@ fn main() {
         trace.display().to_string(),
         trace_paced.display().to_string(),
     );
+    // (Re)starts both proxies with `opts`, pinned, and warms the path up.
+    let configure = |pair: &mut Pair, opts: &ProxyOptions| {
+        mesh.restart_proxy(&mut pair.server, opts);
+        mesh.restart_proxy(&mut pair.client, opts);
+        pin(pair.client.proxy.pid(), 0);
+        pin(pair.server.proxy.pid(), 1);
+        let warm = pair.client.run("curl", &["-sf", &pair.url], Duration::from_secs(10));
+        assert!(warm.success(), "{}", warm.stderr);
+        let _ = wrk(pair, 16, 1, None);
+    };
 
-    // A scraper, as Prometheus would be, on every proxy's /metrics.
+    // A scraper, as Prometheus would be, on both proxies' /metrics.
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let admin: Vec<String> = pairs
+    let admin: Vec<String> = [pair.client.ip(), pair.server.ip()]
         .iter()
-        .flat_map(|p| [p.client.ip(), p.server.ip()])
         .map(|ip| format!("http://{ip}:15020/metrics"))
         .collect();
+    let label = ["off", "on", "on, every request traced"];
     let (mut paced, mut saturated): (Vec<Vec<Run>>, Vec<Vec<Run>>) = (vec![Vec::new(); 3], vec![Vec::new(); 3]);
     std::thread::scope(|scope| {
         scope.spawn(|| {
@@ -255,21 +252,40 @@ fn main() {
                 std::thread::sleep(Duration::from_secs(5));
             }
         });
-        // Warm-up round, not counted.
-        for p in &pairs {
-            let _ = wrk(p, 16, 2, None);
-        }
+        let mut current_on = None;
         for round in 0..runs {
-            // Alternate the order so drift in the machine's load does not favour one side.
-            let order: Vec<usize> = if round % 2 == 0 { vec![0, 1, 2] } else { vec![2, 1, 0] };
-            for &k in &order {
-                let (pair, paced_script, sat_script) = match k {
-                    0 => (&pairs[0], pace.as_str(), None),
-                    1 => (&pairs[1], pace.as_str(), None),
-                    _ => (&pairs[1], trace_paced.as_str(), Some(trace.as_str())),
+            // Alternate the order so drift in the machine's load favours no side.
+            let order: [usize; 3] = if round % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
+            for k in order {
+                let want_on = k > 0;
+                if current_on != Some(want_on) {
+                    configure(&mut pair, if want_on { &on } else { &off });
+                    current_on = Some(want_on);
+                }
+                let (paced_script, sat_script) = match k {
+                    2 => (trace_paced.as_str(), Some(trace.as_str())),
+                    _ => (pace.as_str(), None),
                 };
-                paced[k].push(wrk(pair, paced_conns, secs, Some(paced_script)));
-                saturated[k].push(wrk(pair, 32, secs, sat_script));
+                let p = wrk(&pair, paced_conns, secs, Some(paced_script));
+                let s = wrk(&pair, 32, secs, sat_script);
+                // Whatever the run left behind (an export backlog) shows up as idle CPU.
+                let pids = [pair.client.proxy.pid(), pair.server.proxy.pid(), receiver_pid];
+                let before: Vec<f64> = pids.iter().map(|p| cpu_seconds(*p)).collect();
+                std::thread::sleep(Duration::from_secs(2));
+                let idle: Vec<String> = pids
+                    .iter()
+                    .zip(&before)
+                    .map(|(p, b)| format!("{:.3}", (cpu_seconds(*p) - b) / 2.0))
+                    .collect();
+                eprintln!(
+                    "round {round} {:<26} paced {p:?}\n{:<35} saturating {s:?}\n{:<35} idle cores after (client, server, receiver): {}",
+                    label[k],
+                    "",
+                    "",
+                    idle.join(" ")
+                );
+                paced[k].push(p);
+                saturated[k].push(s);
             }
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -277,11 +293,12 @@ fn main() {
     let spans = std::fs::read_to_string(&out)
         .unwrap_or_default()
         .lines()
-        .filter(|l| l.contains("\"signal\":\"span\""))
-        .count();
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["total"].as_u64())
+        .max()
+        .unwrap_or(0);
 
     let m = |runs: &[Run], f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
-    let label = ["off", "on", "on, every request traced"];
     println!();
     println!(
         "telemetry cost: client + server proxy (mTLS, HTTPRoute with retries), medians of {runs} interleaved rounds of {secs} s"
@@ -314,9 +331,10 @@ fn main() {
         delta(&saturated, 1, |r| r.cpu_us_per_req),
     );
     println!(
-        "every request traced vs off, paced: p99 {:+.1}%, CPU/request {:+.1}%; {spans} spans received",
+        "every request traced vs off, paced: p99 {:+.1}%, CPU/request {:+.1}%; saturating: requests/s {:+.1}%; {spans} spans received",
         delta(&paced, 2, |r| r.p99_ms),
         delta(&paced, 2, |r| r.cpu_us_per_req),
+        delta(&saturated, 2, |r| r.rps),
     );
-    drop(apps);
+    drop(app);
 }

@@ -212,6 +212,19 @@ impl Mesh {
         let out = pod.run(&proxy_bin, &init, Duration::from_secs(30));
         assert!(out.success(), "init failed in {}: {}", pod.name(), out.stderr);
         let id = format!("spiffe://cluster.local/ns/{ns}/sa/{sa}");
+        let proxy = self.start_proxy(&pod, &token_path, &id, opts);
+        Workload { pod, proxy, id }
+    }
+
+    /// Stops `w`'s proxy and starts it again with `opts` (same identity and
+    /// token, `init` rules kept); waits until it is ready.
+    pub fn restart_proxy(&self, w: &mut Workload, opts: &ProxyOptions) {
+        let _ = w.proxy.terminate(Duration::from_secs(10));
+        let token_path = self.dir.path().join(format!("{}.token", w.pod.name()));
+        w.proxy = self.start_proxy(&w.pod, &token_path, &w.id, opts);
+    }
+
+    fn start_proxy(&self, pod: &Pod, token_path: &Path, id: &str, opts: &ProxyOptions) -> Proc {
         let mut env: Vec<(String, String)> = vec![
             ("SIDEMESH_IDENTITY_ADDR".into(), self.identity_addr()),
             ("SIDEMESH_DESTINATION_ADDR".into(), self.destination_addr()),
@@ -220,7 +233,7 @@ impl Mesh {
                 "SIDEMESH_TRUST_BUNDLE".into(),
                 self.pki.path("bundle.pem").display().to_string(),
             ),
-            ("SIDEMESH_WORKLOAD_ID".into(), id.clone()),
+            ("SIDEMESH_WORKLOAD_ID".into(), id.to_owned()),
             (
                 "SIDEMESH_INBOUND_POLICY".into(),
                 opts.policy.unwrap_or("permissive").into(),
@@ -228,9 +241,9 @@ impl Mesh {
         ];
         env.extend(opts.env.iter().cloned());
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let proxy = pod.start_as(1337, "proxy", &proxy_bin, &["run"], &env);
-        self.wait_http_ok(&pod, "127.0.0.1:15020", "/ready", Duration::from_secs(30));
-        Workload { pod, proxy, id }
+        let proxy = pod.start_as(1337, "proxy", binary("sidemesh-proxy"), &["run"], &env);
+        self.wait_http_ok(pod, "127.0.0.1:15020", "/ready", Duration::from_secs(30));
+        proxy
     }
 }
 

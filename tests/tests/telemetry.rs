@@ -109,7 +109,10 @@ fn otlp_metrics_and_spans_reach_a_receiver_with_names_units_and_attributes() {
         return;
     }
     let mesh = Mesh::start("tel-otlp");
-    let out = mesh.dir().join("otlp.jsonl");
+    // Not in the mesh's directory: the proxies watch it (trust bundle, tokens),
+    // and every line written there would wake them.
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let out = out_dir.path().join("otlp.jsonl");
     let _receiver = mesh.cp.start(
         "otlp",
         binary("sidemesh-test-otlp"),

@@ -5,6 +5,10 @@
 //!
 //! `sidemesh-test-otlp <listen addr> <out file>`
 //!
+//! With `SIDEMESH_TEST_OTLP_COUNT_ONLY=1` spans are only counted (one line
+//! `{"signal":"span_count","total":N}` per export), so that a benchmark's
+//! receiver costs little more than decoding.
+//!
 //! Each line is either
 //! `{"signal":"metric","resource":{…},"scope":…,"name":…,"unit":…,"type":"sum|gauge|histogram",
 //!   "monotonic":…,"temporality":…,"attributes":{…},"value":…,"count":…}` or
@@ -29,6 +33,8 @@ use serde_json::{Map, Value, json};
 #[derive(Clone)]
 struct Sink {
     out: Arc<Mutex<std::fs::File>>,
+    count_only: bool,
+    spans: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Sink {
@@ -147,6 +153,20 @@ impl TraceService for Sink {
         &self,
         req: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        if self.count_only {
+            let n: usize = req
+                .get_ref()
+                .resource_spans
+                .iter()
+                .flat_map(|rs| &rs.scope_spans)
+                .map(|ss| ss.spans.len())
+                .sum();
+            let total = self.spans.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed) + n as u64;
+            self.write(vec![json!({ "signal": "span_count", "total": total })]);
+            return Ok(tonic::Response::new(ExportTraceServiceResponse {
+                partial_success: None,
+            }));
+        }
         let mut lines = Vec::new();
         for rs in &req.get_ref().resource_spans {
             let resource = attrs(rs.resource.as_ref().map(|r| r.attributes.as_slice()).unwrap_or(&[]));
@@ -191,6 +211,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .open(PathBuf::from(out))?;
     let sink = Sink {
         out: Arc::new(Mutex::new(file)),
+        count_only: std::env::var("SIDEMESH_TEST_OTLP_COUNT_ONLY").is_ok_and(|v| v == "1"),
+        spans: Arc::default(),
     };
     tonic::transport::Server::builder()
         .add_service(MetricsServiceServer::new(sink.clone()))
