@@ -9,11 +9,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use sidemesh_identity_client::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::Proxy;
@@ -117,7 +116,7 @@ async fn handle(proxy: &Arc<Proxy>, stream: TcpStream, peer: SocketAddr) -> anyh
     }
     let mut upstream = crate::pool::connect_tcp(app).await?;
     let mut stream = stream;
-    tokio::io::copy_bidirectional(&mut stream, &mut upstream).await?;
+    crate::relay::relay(&mut stream, &mut upstream).await?;
     Ok(())
 }
 
@@ -133,12 +132,7 @@ async fn serve_plain_http(proxy: &Arc<Proxy>, stream: Downstream, app: SocketAdd
             req.headers_mut().remove(h::ROUTE_LABELS);
             let span = proxy.telemetry.server_span(req.headers_mut(), method);
             let rsp = match h::to_plain(&mut req, &app.to_string()) {
-                Ok(()) => match proxy
-                    .plain
-                    .for_version(req.version())
-                    .request(req.map(Either::Left))
-                    .await
-                {
+                Ok(()) => match proxy.plain.request(app, req.map(Either::Left)).await {
                     Ok(rsp) => rsp.map(Either::Left),
                     Err(e) => {
                         tracing::debug!(%app, error = %e, "application request failed");
@@ -189,7 +183,7 @@ async fn serve_mesh(proxy: &Arc<Proxy>, stream: Downstream, peer: SocketAddr, ap
     tracing::debug!(%peer, %app, client = %client_id, "inbound mTLS");
     if alpn.as_deref() == Some(ALPN_TCP) {
         let mut upstream = crate::pool::connect_tcp(app).await?;
-        tokio::io::copy_bidirectional(&mut tls, &mut upstream).await?;
+        crate::relay::relay(&mut tls, &mut upstream).await?;
         return Ok(());
     }
     let svc_proxy = proxy.clone();
@@ -199,12 +193,13 @@ async fn serve_mesh(proxy: &Arc<Proxy>, stream: Downstream, peer: SocketAddr, ap
             .enabled()
             .then(|| telemetry::workload("source_workload", &client_id.to_string())),
     ));
-    let client_id = Arc::new(client_id);
+    // The header the application reads the client from, made once per connection.
+    let client_id: Option<Arc<HeaderValue>> = HeaderValue::from_str(&client_id.to_string()).ok().map(Arc::new);
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let proxy = svc_proxy.clone();
         let client_id = client_id.clone();
         let conn = conn.clone();
-        async move { Ok::<_, std::convert::Infallible>(to_app(&proxy, app, &client_id, &conn, req).await) }
+        async move { Ok::<_, std::convert::Infallible>(to_app(&proxy, app, client_id.as_deref(), &conn, req).await) }
     });
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(hyper_util::rt::TokioTimer::new())
@@ -228,7 +223,7 @@ async fn serve_mesh(proxy: &Arc<Proxy>, stream: Downstream, peer: SocketAddr, ap
 async fn to_app(
     proxy: &Proxy,
     app: SocketAddr,
-    client_id: &SpiffeId,
+    client_id: Option<&HeaderValue>,
     conn: &InboundConn,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
@@ -246,18 +241,20 @@ async fn to_app(
     rsp
 }
 
-async fn deliver(proxy: &Proxy, app: SocketAddr, client_id: &SpiffeId, mut req: Request<Incoming>) -> Response<Body> {
-    let version = match h::to_app(&mut req, &app.to_string()) {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::debug!(error = %e, "malformed request from a peer proxy");
-            return h::respond(StatusCode::BAD_REQUEST, "sidemesh: malformed request\n");
-        }
-    };
-    if let Ok(v) = http::HeaderValue::from_str(&client_id.to_string()) {
-        req.headers_mut().insert(h::CLIENT_ID, v);
+async fn deliver(
+    proxy: &Proxy,
+    app: SocketAddr,
+    client_id: Option<&HeaderValue>,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    if let Err(e) = h::to_app(&mut req, &app.to_string()) {
+        tracing::debug!(error = %e, "malformed request from a peer proxy");
+        return h::respond(StatusCode::BAD_REQUEST, "sidemesh: malformed request\n");
     }
-    match proxy.plain.for_version(version).request(req.map(Either::Left)).await {
+    if let Some(v) = client_id {
+        req.headers_mut().insert(h::CLIENT_ID, v.clone());
+    }
+    match proxy.plain.request(app, req.map(Either::Left)).await {
         Ok(rsp) => rsp.map(Either::Left),
         Err(e) => {
             tracing::debug!(%app, error = %e, "application request failed");

@@ -9,7 +9,9 @@
 //! - [`policy`]: HTTPRoute rules compiled and matched, weighted backend split;
 //! - [`balance`]: P2C over peak-EWMA latency, failure accrual and ejection;
 //! - [`retry`]: retry budget and backoff;
-//! - [`pool`]: mTLS HTTP/2 connections to peer proxies, plain clients;
+//! - [`pool`]: mTLS HTTP/2 connections to peer proxies;
+//! - [`plain`]: plain HTTP to the application and unmeshed upstreams;
+//! - [`relay`]: opaque TCP copied both ways;
 //! - [`tls`]: mesh TLS configurations;
 //! - [`inbound`]: connections in, mTLS terminated, delivered to the application;
 //! - [`http`]: request rewriting between HTTP/1, HTTP/2 and the mesh hop;
@@ -32,8 +34,10 @@ pub mod http;
 pub mod identity_metrics;
 pub mod inbound;
 pub mod outbound;
+pub mod plain;
 pub mod policy;
 pub mod pool;
+pub mod relay;
 pub mod retry;
 pub mod run;
 pub mod socket;
@@ -52,7 +56,7 @@ pub struct Proxy {
     /// Pooled mesh connections (and mesh TLS); `None` without an identity.
     pub pool: Option<pool::MeshPool>,
     /// Plain HTTP clients (unmeshed upstreams and the local application).
-    pub plain: pool::PlainClients,
+    pub plain: plain::PlainClients,
     /// Endpoint statistics for load balancing.
     pub balancer: balance::Balancer,
     /// Discovery cache.

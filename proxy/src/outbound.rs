@@ -161,10 +161,10 @@ async fn forward_tcp(
     let connected = match (&target.identity, &proxy.pool) {
         (Some(id), Some(pool)) => crate::pool::connect_mesh_tcp(pool.tls(), target.addr, id, &proxy.telemetry)
             .await
-            .map(|mut upstream| async move { tokio::io::copy_bidirectional(&mut stream, &mut upstream).await }.boxed()),
+            .map(|mut upstream| async move { crate::relay::relay(&mut stream, &mut upstream).await }.boxed()),
         _ => crate::pool::connect_tcp(target.addr)
             .await
-            .map(|mut upstream| async move { tokio::io::copy_bidirectional(&mut stream, &mut upstream).await }.boxed()),
+            .map(|mut upstream| async move { crate::relay::relay(&mut stream, &mut upstream).await }.boxed()),
     };
     if let Some((pick, labels)) = pick
         && proxy.balancer.done(pick, connected.is_ok())
@@ -301,9 +301,9 @@ async fn send(
         }
         _ => {
             h::to_plain(&mut req, &target.addr.to_string()).map_err(|_| AttemptError::Malformed)?;
-            let client = proxy.plain.for_version(req.version());
-            client
-                .request(req)
+            proxy
+                .plain
+                .request(target.addr, req)
                 .await
                 .map_err(|e| AttemptError::Connection(e.to_string()))
         }
@@ -348,6 +348,18 @@ async fn route(
             e.response()
         }
     }
+}
+
+/// A copy of a request head (method, URI, version, headers) for an attempt.
+fn copy_head(parts: &http::request::Parts) -> Option<http::request::Parts> {
+    let mut builder = Request::builder()
+        .method(parts.method.clone())
+        .uri(parts.uri.clone())
+        .version(parts.version);
+    if let Some(headers) = builder.headers_mut() {
+        *headers = parts.headers.clone();
+    }
+    builder.body(()).ok().map(|r| r.into_parts().0)
 }
 
 /// Whether a request body may be held in memory for retries: known to be
@@ -428,6 +440,7 @@ async fn attempts(
     let retry = rule.and_then(|r| r.retry.as_ref());
     let backend_timeout = rule.and_then(|r| r.backend_timeout);
     let (parts, body) = req.into_parts();
+    let mut parts = Some(parts);
     // Retries need the body again: hold it when it is small, else send it once.
     let (buffered, mut streaming) = if retry.is_some() && bufferable(&body) {
         match body.collect().await {
@@ -456,16 +469,6 @@ async fn attempts(
             proxy.balancer.done(pick, false);
             return h::respond(StatusCode::BAD_GATEWAY, "sidemesh: endpoint address unusable\n");
         };
-        let mut builder = Request::builder()
-            .method(parts.method.clone())
-            .uri(parts.uri.clone())
-            .version(parts.version);
-        if let Some(headers) = builder.headers_mut() {
-            headers.extend(parts.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
-            if attempt > 1 {
-                headers.insert(h::RETRY_ATTEMPT, http::HeaderValue::from(attempt - 1));
-            }
-        }
         let body: Body = match (&buffered, streaming.take()) {
             (Some(bytes), _) => Either::Right(http_body_util::Full::new(bytes.clone())),
             (None, Some(body)) => Either::Left(body),
@@ -476,10 +479,22 @@ async fn attempts(
                 );
             }
         };
-        let Ok(req) = builder.body(body) else {
+        // The last possible attempt takes the request head as it came; an
+        // attempt that may be retried sends a copy.
+        let head = if attempt >= max_attempts {
+            parts.take()
+        } else {
+            parts.as_ref().and_then(copy_head)
+        };
+        let Some(mut head) = head else {
             proxy.balancer.done(pick, true);
             return h::respond(StatusCode::BAD_REQUEST, "sidemesh: malformed request\n");
         };
+        if attempt > 1 {
+            head.headers
+                .insert(h::RETRY_ATTEMPT, http::HeaderValue::from(attempt - 1));
+        }
+        let req = Request::from_parts(head, body);
         outcome.mtls = target.identity.is_some();
         let sent = send(proxy, &target, orig, req, route_header.as_ref());
         let result = match backend_timeout {

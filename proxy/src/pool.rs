@@ -1,8 +1,8 @@
 //! Upstream connections. Between proxies: one pooled mTLS HTTP/2 connection
 //! per peer endpoint carries every HTTP request to it, and each opaque TCP
 //! stream gets its own mTLS connection (resumed, thanks to the per-identity
-//! client configs in [`crate::tls::MeshTls`]). To unmeshed upstreams and to
-//! the local application: plain pooled HTTP/1 and HTTP/2 clients.
+//! client configs in [`crate::tls::MeshTls`]). Plain HTTP to the local
+//! application and to unmeshed upstreams is [`crate::plain`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -10,8 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::client::conn::http2;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
 use sidemesh_identity_client::SpiffeId;
@@ -73,6 +71,19 @@ pub async fn connect_tcp(addr: SocketAddr) -> Result<TcpStream, ConnectError> {
     Ok(tcp)
 }
 
+/// Runs a client connection (hyper's connection future) on its own task
+/// until it ends; how it ended is logged at debug level.
+pub(crate) fn drive<F>(addr: SocketAddr, what: &'static str, conn: F)
+where
+    F: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%addr, error = %e, "{what} connection ended");
+        }
+    });
+}
+
 /// An mTLS connection to a peer proxy that must present `peer`; the
 /// handshake's result is counted in `telemetry`.
 pub async fn connect_mesh(
@@ -117,13 +128,30 @@ pub async fn connect_mesh_tcp(
     connect_mesh(tls, addr, peer, ALPN_TCP, telemetry).await
 }
 
-type Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
+/// One peer endpoint's pooled connection.
+#[derive(Debug)]
+struct Slot {
+    /// The identity the connection was made to verify.
+    peer: SpiffeId,
+    sender: Option<http2::SendRequest<Body>>,
+    /// Held while connecting, so one caller connects and the others wait for it.
+    connecting: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Slot {
+    fn ready(&self, peer: &SpiffeId) -> Option<http2::SendRequest<Body>> {
+        if &self.peer != peer {
+            return None;
+        }
+        self.sender.as_ref().filter(|s| s.is_ready()).cloned()
+    }
+}
 
 /// Pooled HTTP/2-over-mTLS connections to peer proxies, one per endpoint.
 #[derive(Debug)]
 pub struct MeshPool {
     tls: Arc<MeshTls>,
-    slots: Mutex<HashMap<(SocketAddr, SpiffeId), Slot>>,
+    slots: Mutex<HashMap<SocketAddr, Slot>>,
     telemetry: Arc<ProxyTelemetry>,
 }
 
@@ -142,22 +170,39 @@ impl MeshPool {
         &self.tls
     }
 
+    fn ready(&self, addr: SocketAddr, peer: &SpiffeId) -> Option<http2::SendRequest<Body>> {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.get(&addr)?.ready(peer)
+    }
+
     /// A ready sender to `addr`, connecting (once, whoever asks first) if needed.
     pub async fn get(&self, addr: SocketAddr, peer: &SpiffeId) -> Result<http2::SendRequest<Body>, ConnectError> {
-        let slot = {
+        match self.ready(addr, peer) {
+            Some(sender) => Ok(sender),
+            // Boxed: the connect and handshake futures are kilobytes that
+            // every request's future would otherwise carry (and copy).
+            None => Box::pin(self.connect(addr, peer)).await,
+        }
+    }
+
+    async fn connect(&self, addr: SocketAddr, peer: &SpiffeId) -> Result<http2::SendRequest<Body>, ConnectError> {
+        let gate = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            slots.entry((addr, peer.clone())).or_default().clone()
-        };
-        let mut held = slot.lock().await;
-        if let Some(sender) = held.as_ref()
-            && !sender.is_closed()
-        {
-            let mut sender = sender.clone();
-            drop(held);
-            if sender.ready().await.is_ok() {
-                return Ok(sender);
+            let slot = slots.entry(addr).or_insert_with(|| Slot {
+                peer: peer.clone(),
+                sender: None,
+                connecting: Arc::default(),
+            });
+            if &slot.peer != peer {
+                // The endpoint's identity changed: its old connection is not for this peer.
+                slot.peer = peer.clone();
+                slot.sender = None;
             }
-            held = slot.lock().await;
+            slot.connecting.clone()
+        };
+        let _connecting = gate.lock().await;
+        if let Some(sender) = self.ready(addr, peer) {
+            return Ok(sender);
         }
         let stream = connect_mesh(&self.tls, addr, peer, ALPN_HTTP, &self.telemetry).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
@@ -170,17 +215,17 @@ impl MeshPool {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| ConnectError::Http2 { addr, source })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%addr, error = %e, "mesh connection ended");
-            }
-        });
-        *held = Some(sender.clone());
+        drive(addr, "mesh HTTP/2", conn);
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = slots.get_mut(&addr)
+            && &slot.peer == peer
+        {
+            slot.sender = Some(sender.clone());
+        }
         Ok(sender)
     }
 
-    /// Drops connections to endpoints no longer in use would go here; for now
-    /// the pool keeps one slot per endpoint ever used.
+    /// Peer endpoints the pool holds a slot for (one per endpoint ever used).
     pub fn len(&self) -> usize {
         self.slots.lock().map(|s| s.len()).unwrap_or(0)
     }
@@ -188,49 +233,5 @@ impl MeshPool {
     /// Whether the pool holds no slot.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-/// Plain (unmeshed) HTTP clients, pooled per authority.
-#[derive(Clone, Debug)]
-pub struct PlainClients {
-    /// HTTP/1.1.
-    pub http1: Client<HttpConnector, Body>,
-    /// HTTP/2 with prior knowledge.
-    pub http2: Client<HttpConnector, Body>,
-}
-
-impl Default for PlainClients {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl PlainClients {
-    /// New clients.
-    pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        connector.enforce_http(true);
-        let http1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_timer(TokioTimer::new())
-            .build(connector.clone());
-        let http2 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_timer(TokioTimer::new())
-            .http2_only(true)
-            .build(connector);
-        Self { http1, http2 }
-    }
-
-    /// The client for a request of `version`.
-    pub fn for_version(&self, version: http::Version) -> &Client<HttpConnector, Body> {
-        if version == http::Version::HTTP_2 {
-            &self.http2
-        } else {
-            &self.http1
-        }
     }
 }

@@ -5,6 +5,9 @@
 //!
 //! `cargo build --release --workspace --bins && cargo build --release -p sidemesh-tests --bins && cargo bench -p sidemesh-tests --bench dataplane`
 //! Needs root, iptables, wrk, iperf3, h2load; says so and exits 0 otherwise.
+//!
+//! `BENCH_ONLY=keepalive,one,new,bulk,rtt,cpu,rss` runs only the named rows
+//! (for profiling one case: the proxies' PIDs are printed at start).
 
 use std::time::{Duration, Instant};
 
@@ -149,7 +152,17 @@ fn main() {
     let direct_url = format!("http://{}:8080/", dserver.ip());
     let close = ["-H", "Connection: close"];
     let mut rows: Vec<(String, f64, f64, String)> = Vec::new();
-    let mut measure = |name: &str, goal: &str, f: &dyn Fn(bool) -> f64| {
+    let only = std::env::var("BENCH_ONLY").ok();
+    let wanted = |key: &str| only.as_deref().is_none_or(|o| o.split(',').any(|k| k.trim() == key));
+    eprintln!(
+        "client proxy pid {}, server proxy pid {}",
+        client.proxy.pid(),
+        server.proxy.pid()
+    );
+    let mut measure = |key: &str, name: &str, goal: &str, f: &dyn Fn(bool) -> f64| {
+        if !wanted(key) {
+            return;
+        }
         let mut direct = Vec::new();
         let mut meshed = Vec::new();
         for _ in 0..runs {
@@ -159,64 +172,84 @@ fn main() {
         rows.push((name.to_owned(), median(direct), median(meshed), goal.to_owned()));
     };
     let (c, d) = (&client.pod, &dclient);
-    measure("HTTP/1.1 keep-alive, 64 connections, requests/s", "≥ 0.35", &|m| {
-        if m {
-            wrk(c, &mesh_url, 64, secs, &[])
-        } else {
-            wrk(d, &direct_url, 64, secs, &[])
-        }
-    });
-    measure("HTTP/1.1 one connection, requests/s", "≥ 0.6", &|m| {
+    measure(
+        "keepalive",
+        "HTTP/1.1 keep-alive, 64 connections, requests/s",
+        "≥ 0.35",
+        &|m| {
+            if m {
+                wrk(c, &mesh_url, 64, secs, &[])
+            } else {
+                wrk(d, &direct_url, 64, secs, &[])
+            }
+        },
+    );
+    measure("one", "HTTP/1.1 one connection, requests/s", "≥ 0.6", &|m| {
         if m {
             wrk(c, &mesh_url, 1, secs, &[])
         } else {
             wrk(d, &direct_url, 1, secs, &[])
         }
     });
-    measure("HTTP/1.1 new connection per request, requests/s", "≥ 0.27", &|m| {
-        if m {
-            wrk(c, &mesh_url, 16, secs, &close)
-        } else {
-            wrk(d, &direct_url, 16, secs, &close)
-        }
-    });
-    measure("bulk TCP, one stream, Gbit/s", "≥ 0.45", &|m| {
+    measure(
+        "new",
+        "HTTP/1.1 new connection per request, requests/s",
+        "≥ 0.27",
+        &|m| {
+            if m {
+                wrk(c, &mesh_url, 16, secs, &close)
+            } else {
+                wrk(d, &direct_url, 16, secs, &close)
+            }
+        },
+    );
+    measure("bulk", "bulk TCP, one stream, Gbit/s", "≥ 0.45", &|m| {
         if m {
             iperf(c, &vip, secs) / 1e9
         } else {
             iperf(d, &dserver.ip().to_string(), secs) / 1e9
         }
     });
-    let (mut rtt_direct, mut rtt_mesh) = (Vec::new(), Vec::new());
-    for _ in 0..runs {
-        rtt_direct.push(rtt(d, &format!("{}:9000", dserver.ip())).0);
-        rtt_mesh.push(rtt(c, &format!("{vip}:9000")).0);
+    let mut rtts = None;
+    if wanted("rtt") {
+        let (mut direct, mut meshed) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            direct.push(rtt(d, &format!("{}:9000", dserver.ip())).0);
+            meshed.push(rtt(c, &format!("{vip}:9000")).0);
+        }
+        rtts = Some((median(direct), median(meshed)));
     }
-    let (rtt_direct, rtt_mesh) = (median(rtt_direct), median(rtt_mesh));
 
     // CPU of both proxies per 1000 requests/s, under saturating keep-alive load.
-    let pids = [client.proxy.pid(), server.proxy.pid()];
-    let cpu0: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
-    let t0 = Instant::now();
-    let rps = wrk(c, &mesh_url, 64, secs, &[]);
-    let cpu = pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu0;
-    let vcpu_per_krps = (cpu / t0.elapsed().as_secs_f64()) / (rps / 1000.0);
+    let mut cpu_row = None;
+    if wanted("cpu") {
+        let pids = [client.proxy.pid(), server.proxy.pid()];
+        let cpu0: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+        let t0 = Instant::now();
+        let rps = wrk(c, &mesh_url, 64, secs, &[]);
+        let cpu = pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu0;
+        cpu_row = Some((rps, (cpu / t0.elapsed().as_secs_f64()) / (rps / 1000.0)));
+    }
 
     // RSS at 1000 requests/s over 100 connections (h2load: 100 clients × 10 rps).
-    let h2 = c
-        .cmd("h2load")
-        .args(["--h1", "-c", "100", "--rps", "10", "-D", "8", &mesh_url])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn();
-    let mut rss_load: f64 = 0.0;
-    let deadline = Instant::now() + Duration::from_secs(8);
-    while Instant::now() < deadline {
-        rss_load = rss_load.max(rss_mb(client.proxy.pid())).max(rss_mb(server.proxy.pid()));
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    if let Ok(mut h2) = h2 {
-        let _ = h2.wait();
+    let mut rss_load = None;
+    if wanted("rss") {
+        let h2 = c
+            .cmd("h2load")
+            .args(["--h1", "-c", "100", "--rps", "10", "-D", "8", &mesh_url])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        let mut peak: f64 = 0.0;
+        let deadline = Instant::now() + Duration::from_secs(8);
+        while Instant::now() < deadline {
+            peak = peak.max(rss_mb(client.proxy.pid())).max(rss_mb(server.proxy.pid()));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        if let Ok(mut h2) = h2 {
+            let _ = h2.wait();
+        }
+        rss_load = Some(peak);
     }
 
     println!();
@@ -231,12 +264,18 @@ fn main() {
             meshed / direct.max(f64::MIN_POSITIVE)
         );
     }
-    println!(
-        "| small-message round trip p50 (64 B, TCP), µs | {rtt_direct:.0} | {rtt_mesh:.0} | +{:.0} µs | |",
-        rtt_mesh - rtt_direct
-    );
-    println!("| CPU of both proxies per 1000 requests/s (at {rps:.0} rps) | | {vcpu_per_krps:.3} vCPU | | ≤ 0.04 |");
+    if let Some((direct, meshed)) = rtts {
+        println!(
+            "| small-message round trip p50 (64 B, TCP), µs | {direct:.0} | {meshed:.0} | +{:.0} µs | |",
+            meshed - direct
+        );
+    }
+    if let Some((rps, vcpu)) = cpu_row {
+        println!("| CPU of both proxies per 1000 requests/s (at {rps:.0} rps) | | {vcpu:.3} vCPU | | ≤ 0.04 |");
+    }
     println!("| proxy RSS idle (max of the two), MB | | {rss_idle:.1} | | ≤ 8 |");
-    println!("| proxy RSS at 1000 rps over 100 connections, MB | | {rss_load:.1} | | ≤ 15 |");
+    if let Some(peak) = rss_load {
+        println!("| proxy RSS at 1000 rps over 100 connections, MB | | {peak:.1} | | ≤ 15 |");
+    }
     println!("| proxy ready after start (certificate held), ms | | {ready_ms:.0} | | ≤ 50 |");
 }
