@@ -13,7 +13,7 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use crate::Proxy;
 use crate::config::InboundPolicy;
@@ -24,33 +24,6 @@ use crate::tls::{ALPN_HTTP, ALPN_TCP};
 
 /// The peer's side of a connection, its bytes counted.
 type Downstream = Counted<TcpStream>;
-
-/// Accepts on the inbound listener until draining starts.
-pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
-    loop {
-        let accepted = tokio::select! {
-            _ = proxy.drain.signaled() => return,
-            a = listener.accept() => a,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::debug!(error = %e, "inbound accept");
-                continue;
-            }
-        };
-        let proxy = proxy.clone();
-        let guard = proxy.drain.guard();
-        let conn = proxy.telemetry.conn_opened(Direction::Inbound);
-        tokio::spawn(async move {
-            let _guard = guard;
-            let _conn = conn;
-            if let Err(e) = handle(&proxy, stream, peer).await {
-                tracing::debug!(%peer, error = %e, "inbound connection");
-            }
-        });
-    }
-}
 
 /// Whether a peeked ClientHello offers a sidemesh ALPN (a peer proxy), as
 /// opposed to the application's own TLS.
@@ -82,7 +55,9 @@ async fn is_mesh_hello(stream: &TcpStream, proxy: &Proxy) -> bool {
     }
 }
 
-async fn handle(proxy: &Arc<Proxy>, stream: TcpStream, peer: SocketAddr) -> anyhow::Result<()> {
+/// Handles one connection accepted on the inbound listener.
+pub async fn handle(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr) -> anyhow::Result<()> {
+    let proxy = &proxy;
     let _ = stream.set_nodelay(true);
     let orig = crate::socket::original_dst(&stream)?;
     // Without iptables (a fixed application port) connections arrive unredirected.

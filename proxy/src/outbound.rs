@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use sidemesh_identity_client::SpiffeId;
 use sidemesh_proto::destination::v1 as pb;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use crate::Proxy;
 use crate::detect::{self, Protocol};
@@ -29,33 +29,6 @@ use crate::telemetry::{self, Counted, Direction, Outcome, RouteLabels, TimeoutKi
 
 /// The application's side of a connection, its bytes counted.
 type Downstream = Counted<TcpStream>;
-
-/// Accepts on the outbound listener until draining starts.
-pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
-    loop {
-        let accepted = tokio::select! {
-            _ = proxy.drain.signaled() => return,
-            a = listener.accept() => a,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::debug!(error = %e, "outbound accept");
-                continue;
-            }
-        };
-        let proxy = proxy.clone();
-        let guard = proxy.drain.guard();
-        let conn = proxy.telemetry.conn_opened(Direction::Outbound);
-        tokio::spawn(async move {
-            let _guard = guard;
-            let _conn = conn;
-            if let Err(e) = handle(&proxy, stream, peer).await {
-                tracing::debug!(%peer, error = %e, "outbound connection");
-            }
-        });
-    }
-}
 
 /// An endpoint to send to.
 #[derive(Debug, Clone)]
@@ -93,7 +66,9 @@ fn is_opaque(proxy: &Proxy, orig: SocketAddr, resolution: &Resolution) -> bool {
         || matches!(resolution, Resolution::Unknown)
 }
 
-async fn handle(proxy: &Arc<Proxy>, stream: TcpStream, peer: SocketAddr) -> anyhow::Result<()> {
+/// Handles one connection accepted on the outbound listener.
+pub async fn handle(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr) -> anyhow::Result<()> {
+    let proxy = &proxy;
     let _ = stream.set_nodelay(true);
     let orig = crate::socket::original_dst(&stream)?;
     if orig == stream.local_addr()? {

@@ -8,14 +8,14 @@ use anyhow::Context as _;
 use sidemesh_identity_client::tls::CurrentCert;
 use sidemesh_identity_client::{CertManager, SpiffeId};
 use sidemesh_telemetry::admin::Admin;
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::config::{ProxyArgs, TelemetryMode};
 use crate::discovery::Discovery;
 use crate::drain::Drain;
 use crate::plain::PlainClients;
 use crate::pool::MeshPool;
-use crate::telemetry::ProxyTelemetry;
+use crate::telemetry::{Direction, ProxyTelemetry};
 use crate::tls::MeshTls;
 use crate::{Proxy, inbound, outbound};
 
@@ -33,6 +33,38 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_nodelay(true)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)
+}
+
+/// Accepts on `listener` until draining starts; each connection runs
+/// `handle` on its own task, counted and held open against the drain.
+async fn accept<F, Fut>(proxy: Arc<Proxy>, listener: TcpListener, direction: Direction, handle: F)
+where
+    F: Fn(Arc<Proxy>, TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            _ = proxy.drain.signaled() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(error = %e, direction = direction.as_str(), "accept");
+                continue;
+            }
+        };
+        let guard = proxy.drain.guard();
+        let conn = proxy.telemetry.conn_opened(direction);
+        let handled = handle(proxy.clone(), stream, peer);
+        tokio::spawn(async move {
+            let _guard = guard;
+            let _conn = conn;
+            if let Err(e) = handled.await {
+                tracing::debug!(%peer, error = %e, direction = direction.as_str(), "connection");
+            }
+        });
+    }
 }
 
 /// Runs the sidecar until SIGTERM (or `POST /shutdown`) and the drain.
@@ -148,8 +180,18 @@ async fn run_async(args: ProxyArgs) -> anyhow::Result<()> {
     tokio::spawn(admin.clone().serve(admin_listener, async move {
         let _ = admin_stop.wait_for(|s| *s).await;
     }));
-    tokio::spawn(outbound::serve(proxy.clone(), outbound_listener));
-    tokio::spawn(inbound::serve(proxy.clone(), inbound_listener));
+    tokio::spawn(accept(
+        proxy.clone(),
+        outbound_listener,
+        Direction::Outbound,
+        outbound::handle,
+    ));
+    tokio::spawn(accept(
+        proxy.clone(),
+        inbound_listener,
+        Direction::Inbound,
+        inbound::handle,
+    ));
 
     // Ready once listening and, with an identity, holding a certificate.
     let ready_admin = admin.clone();
