@@ -392,7 +392,7 @@ fn check_regex(pattern: &str, max_len: usize) -> Result<(), String> {
     if pattern.len() > max_len {
         return Err(format!("regular expression longer than {max_len} bytes"));
     }
-    regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
+    regex_lite::RegexBuilder::new(&format!("^(?:{pattern})$"))
         .size_limit(REGEX_SIZE_LIMIT)
         .build()
         .map(drop)

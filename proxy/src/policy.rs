@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use http::Request;
 use opentelemetry::KeyValue;
-use regex::Regex;
+use regex_lite::Regex;
 use sidemesh_proto::destination::v1::{self as pb, path_match};
 
 use crate::retry::Budget;

@@ -77,13 +77,48 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 fn rss_mb(pid: u32) -> f64 {
+    status_mb(pid, "VmRSS:")
+}
+
+/// One `kB` line of `/proc/PID/status`, in MB.
+fn status_mb(pid: u32, key: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
+}
+
+/// Where a proxy's resident memory is: file pages (mostly its own text) and
+/// anonymous pages (heap, stacks), and the heap alone from `smaps`.
+fn rss_breakdown(pid: u32) -> String {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let (mut region, mut heap_kb, mut binary_kb) = (String::new(), 0.0, 0.0);
+    for line in smaps.lines() {
+        if let Some(kb) = line.strip_prefix("Rss:") {
+            let kb: f64 = kb.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            if region == "[heap]" {
+                heap_kb += kb;
+            } else if region.ends_with("/sidemesh-proxy") {
+                binary_kb += kb;
+            }
+        } else if line
+            .split_whitespace()
+            .next()
+            .is_some_and(|a| a.contains('-') && a.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
+        {
+            region = line.split_whitespace().nth(5).unwrap_or_default().to_owned();
+        }
+    }
+    format!(
+        "file {:.1} MB (binary {:.1}), anon {:.1} MB (heap {:.1})",
+        status_mb(pid, "RssFile:"),
+        binary_kb / 1024.0,
+        status_mb(pid, "RssAnon:"),
+        heap_kb / 1024.0
+    )
 }
 
 fn start_apps(pod: &Pod) -> Vec<sidemesh_tests::process::Proc> {
@@ -147,6 +182,11 @@ fn main() {
     assert!(warm.success(), "mesh path does not work: {}", warm.stderr);
     std::thread::sleep(Duration::from_secs(1));
     let rss_idle = rss_mb(client.proxy.pid()).max(rss_mb(server.proxy.pid()));
+    eprintln!(
+        "idle RSS: client proxy {}; server proxy {}",
+        rss_breakdown(client.proxy.pid()),
+        rss_breakdown(server.proxy.pid())
+    );
 
     let mesh_url = format!("http://{vip}/");
     let direct_url = format!("http://{}:8080/", dserver.ip());
