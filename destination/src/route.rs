@@ -862,6 +862,23 @@ mod tests {
     }
 
     #[test]
+    fn regexes_are_checked_as_the_proxy_compiles_them() {
+        for good in ["/api/v[0-9]+/.*", "(?i)/shop", r"\d{3}-\w+", "a|b|"] {
+            assert!(check_regex(good, 1024).is_ok(), "{good:?}");
+        }
+        // regex-lite: no Unicode classes, no look-around, no backreferences.
+        for bad in [r"\p{L}+", "(?=x)", r"(a)\1", "(", "a{1000000}"] {
+            let err = check_regex(bad, 1024).unwrap_err();
+            assert!(err.contains("does not compile"), "{bad:?}: {err}");
+        }
+        assert!(
+            check_regex(&"a".repeat(2000), 1024)
+                .unwrap_err()
+                .contains("longer than")
+        );
+    }
+
+    #[test]
     fn durations() {
         for (s, ms) in [
             ("10s", 10_000),
