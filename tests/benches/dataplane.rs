@@ -3,7 +3,8 @@
 //! in the same run, with standard tools (wrk, iperf3) and a small-message
 //! round-trip client. Prints a table of medians of `BENCH_RUNS` runs.
 //!
-//! `cargo build --profile dist --workspace --bins && cargo build --profile dist -p sidemesh-tests --bins && cargo bench --profile dist -p sidemesh-tests --bench dataplane`
+//! `cargo dist --workspace --bins && cargo bench-dist -p sidemesh-tests --bench dataplane`
+//! (the shipped `dist` profile: aliases in `.cargo/config.toml`).
 //! Needs root, iptables, wrk, iperf3, h2load; says so and exits 0 otherwise.
 //!
 //! `BENCH_ONLY=keepalive,one,new,bulk,rtt,cpu,rss` runs only the named rows
