@@ -114,10 +114,10 @@ fn rss_breakdown(pid: u32) -> String {
         }
     }
     format!(
-        "file {:.1} MB (binary {:.1}), anon {:.1} MB (heap {:.1})",
+        "file {:.1} MB, anon {:.1} MB; of these the binary's mappings {:.1} MB (its text, and its data pages once written, which count as anon), heap {:.1} MB",
         status_mb(pid, "RssFile:"),
-        binary_kb / 1024.0,
         status_mb(pid, "RssAnon:"),
+        binary_kb / 1024.0,
         heap_kb / 1024.0
     )
 }
