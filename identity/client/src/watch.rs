@@ -21,10 +21,12 @@ const SETTLE: Duration = Duration::from_millis(50);
 /// Whether `event` may have changed the file named `name` in the watched
 /// directory: a write, create, rename or removal of the file itself or of a
 /// `..`-prefixed entry (the `..data` symlink and timestamped directories
-/// Kubernetes swaps on an update). Opens, reads and other files do not count.
+/// Kubernetes swaps on an update), or a writer closing it. Opens, reads and
+/// other files do not count.
 fn may_change(event: &notify::Event, name: &OsStr) -> bool {
     use notify::EventKind;
-    if matches!(event.kind, EventKind::Access(_)) {
+    use notify::event::{AccessKind, AccessMode};
+    if matches!(event.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write)) {
         return false;
     }
     // An event without paths (e.g. the kernel's queue overflowed) may be anything.
@@ -124,6 +126,9 @@ mod tests {
             name
         ));
         assert!(may_change(&notify::Event::new(EventKind::Any), name));
+        // A writer closing the file is done writing: the settled content.
+        let closed = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        assert!(may_change(&event(closed, "/etc/sidemesh/bundle.pem"), name));
         // The watcher's own re-read, and anything else in the directory.
         for access in [
             AccessKind::Open(AccessMode::Any),
