@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sidemesh_tests::mesh::{Mesh, ProxyOptions};
+use sidemesh_tests::mesh::{Mesh, ProxyOptions, Workload};
 use sidemesh_tests::netns::{self, Pod, service_ip};
 use sidemesh_tests::objects::{pod, service, slice, yaml};
 use sidemesh_tests::process::binary;
@@ -170,13 +170,25 @@ fn main() {
     let _dapps = start_apps(&dserver);
     let idle_started = Instant::now();
     let server = mesh.mesh(server_pod, "shop", "web", &ProxyOptions::default());
-    let client = mesh.mesh(client_pod, "default", "frontend", &ProxyOptions::default());
-    let ready_ms = client
-        .proxy
-        .log()
-        .lines()
-        .find_map(|l| l.split("ms=").nth(1)?.split_whitespace().next()?.parse::<f64>().ok())
-        .unwrap_or(f64::NAN);
+    let mut client = mesh.mesh(client_pod, "default", "frontend", &ProxyOptions::default());
+    // Start-up time is one sample per start: take the median of several
+    // (the first start and restarts), and show the slowest too.
+    let ready_of = |w: &Workload| {
+        w.proxy
+            .log()
+            .lines()
+            .filter(|l| l.contains("proxy ready"))
+            .filter_map(|l| l.split("ms=").nth(1)?.split_whitespace().next()?.parse::<f64>().ok())
+            .next_back()
+            .unwrap_or(f64::NAN)
+    };
+    let mut starts = vec![ready_of(&client)];
+    for _ in 0..4 {
+        mesh.restart_proxy(&mut client, &ProxyOptions::default());
+        starts.push(ready_of(&client));
+    }
+    let ready_max = starts.iter().copied().fold(f64::NAN, f64::max);
+    let ready_ms = median(starts);
     let _ = idle_started;
     // Warm the mesh path (discovery answer, pooled connection) before measuring.
     let warm = client.run("curl", &["-sf", &format!("http://{vip}/warm")], Duration::from_secs(10));
@@ -318,5 +330,7 @@ fn main() {
     if let Some(peak) = rss_load {
         println!("| proxy RSS at 1000 rps over 100 connections, MB | | {peak:.1} | | ≤ 15 |");
     }
-    println!("| proxy ready after start (certificate held), ms | | {ready_ms:.0} | | ≤ 50 |");
+    println!(
+        "| proxy ready after start (certificate held), ms, median of 5 starts (slowest {ready_max:.0}) | | {ready_ms:.0} | | ≤ 50 |"
+    );
 }
