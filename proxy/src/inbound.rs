@@ -107,6 +107,9 @@ async fn serve_plain_http(proxy: &Arc<Proxy>, stream: Downstream, app: SocketAdd
             req.headers_mut().remove(h::ROUTE_LABELS);
             let span = proxy.telemetry.server_span(req.headers_mut(), method);
             let rsp = match h::to_plain(&mut req, &app.to_string()) {
+                Ok(()) if crate::upgrade::requested(req.version(), req.headers()) => {
+                    Box::pin(upgrade_to_app(&proxy, app, req)).await
+                }
                 Ok(()) => match proxy.plain.request(app, req.map(Either::Left)).await {
                     Ok(rsp) => rsp.map(Either::Left),
                     Err(e) => {
@@ -124,7 +127,7 @@ async fn serve_plain_http(proxy: &Arc<Proxy>, stream: Downstream, app: SocketAdd
         }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => r.map_err(|e| anyhow::anyhow!("{e}"))?,
@@ -134,6 +137,24 @@ async fn serve_plain_http(proxy: &Arc<Proxy>, stream: Downstream, app: SocketAdd
         }
     }
     Ok(())
+}
+
+/// A plaintext upgrade request, sent to the application on a connection of its own.
+async fn upgrade_to_app(proxy: &Proxy, app: SocketAddr, mut req: Request<Incoming>) -> Response<Body> {
+    crate::plain::origin_form(req.uri_mut());
+    let sent = match crate::pool::connect_tcp(app).await {
+        Ok(io) => crate::upgrade::send(io, req.map(Either::Left), proxy.drain.guard())
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match sent {
+        Ok(rsp) => rsp.map(Either::Left),
+        Err(e) => {
+            tracing::debug!(%app, error = %e, "application upgrade request failed");
+            h::respond(StatusCode::BAD_GATEWAY, "sidemesh: the application did not answer\n")
+        }
+    }
 }
 
 async fn serve_mesh(proxy: &Arc<Proxy>, stream: Downstream, peer: SocketAddr, app: SocketAddr) -> anyhow::Result<()> {

@@ -43,6 +43,7 @@ pub mod run;
 pub mod socket;
 pub mod telemetry;
 pub mod tls;
+pub mod upgrade;
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;

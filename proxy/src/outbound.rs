@@ -195,7 +195,7 @@ async fn serve_http(proxy: Arc<Proxy>, stream: Downstream, orig: Option<SocketAd
         }
     });
     let builder = auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => r.map_err(|e| anyhow::anyhow!("{e}"))?,
@@ -259,6 +259,10 @@ async fn send(
     mut req: Request<Body>,
     route_labels: Option<&HeaderValue>,
 ) -> Result<Response<Incoming>, AttemptError> {
+    if crate::upgrade::requested(req.version(), req.headers()) {
+        // Boxed: rare, and it should not grow every request's future.
+        return Box::pin(send_upgrade(proxy, target, req)).await;
+    }
     match (&target.identity, &proxy.pool) {
         (Some(id), Some(pool)) => {
             h::to_mesh(&mut req, &orig.to_string()).map_err(|_| AttemptError::Malformed)?;
@@ -283,6 +287,32 @@ async fn send(
                 .map_err(|e| AttemptError::Connection(e.to_string()))
         }
     }
+}
+
+/// Sends an upgrade request to `target` on a connection of its own (see
+/// [`crate::upgrade`]).
+async fn send_upgrade(
+    proxy: &Proxy,
+    target: &Target,
+    mut req: Request<Body>,
+) -> Result<Response<Incoming>, AttemptError> {
+    h::to_plain(&mut req, &target.addr.to_string()).map_err(|_| AttemptError::Malformed)?;
+    crate::plain::origin_form(req.uri_mut());
+    let failed = |e: &dyn std::fmt::Display| AttemptError::Connection(e.to_string());
+    let guard = proxy.drain.guard();
+    match (&target.identity, &proxy.pool) {
+        (Some(id), Some(pool)) => {
+            let io = crate::pool::connect_mesh_tcp(pool.tls(), target.addr, id, &proxy.telemetry)
+                .await
+                .map_err(|e| failed(&e))?;
+            crate::upgrade::send(io, req, guard).await
+        }
+        _ => {
+            let io = crate::pool::connect_tcp(target.addr).await.map_err(|e| failed(&e))?;
+            crate::upgrade::send(io, req, guard).await
+        }
+    }
+    .map_err(|e| failed(&e))
 }
 
 /// Sends one request to an endpoint of its destination; what it learns on
@@ -415,6 +445,9 @@ async fn attempts(
     let retry = rule.and_then(|r| r.retry.as_ref());
     let backend_timeout = rule.and_then(|r| r.backend_timeout);
     let (parts, body) = req.into_parts();
+    // An upgrade is sent once: the downstream connection it takes over
+    // travels with the original request head only.
+    let upgrade = crate::upgrade::requested(parts.version, &parts.headers);
     let mut parts = Some(parts);
     // Retries need the body again: hold it when it is small, else send it once.
     let (buffered, mut streaming) = if retry.is_some() && bufferable(&body) {
@@ -426,7 +459,7 @@ async fn attempts(
         (None, Some(body))
     };
     let max_attempts = match (&buffered, retry) {
-        (Some(_), Some(r)) => r.attempts,
+        (Some(_), Some(r)) if !upgrade => r.attempts,
         _ => 1,
     };
     let mut tried: Vec<SocketAddr> = Vec::new();

@@ -85,7 +85,7 @@ impl Http1Pools {
 }
 
 /// Requests on an HTTP/1 connection carry the origin form (`/path?query`).
-fn origin_form(uri: &mut Uri) {
+pub(crate) fn origin_form(uri: &mut Uri) {
     let path = match uri.path_and_query() {
         Some(p) if p.as_str() != "/" && !p.as_str().is_empty() => p.clone(),
         _ => http::uri::PathAndQuery::from_static("/"),

@@ -50,14 +50,26 @@ fn shop(prefix: &str, server_opts: ProxyOptions) -> Shop {
             "shop",
             "web",
             &vip,
-            &[("http", 80), ("tcp", 9000), ("mysql", 3306), ("banner", 7000)],
+            &[
+                ("http", 80),
+                ("tcp", 9000),
+                ("mysql", 3306),
+                ("banner", 7000),
+                ("ws", 8765),
+            ],
             json!({}),
         ),
         slice(
             "shop",
             "web-1",
             "web",
-            &[("http", 8080), ("tcp", 9000), ("mysql", 3306), ("banner", 7000)],
+            &[
+                ("http", 8080),
+                ("tcp", 9000),
+                ("mysql", 3306),
+                ("banner", 7000),
+                ("ws", 8765),
+            ],
             &[(&sip, "server", true)],
         ),
         pod("shop", "server", &sip, "web", true),
@@ -597,4 +609,106 @@ fn a_destination_that_speaks_nonsense_leaves_traffic_flowing() {
     assert_eq!(state["discovery"]["connected"], false, "{state}");
     let mut proxy = client.proxy;
     assert!(proxy.is_running());
+}
+
+/// An inbound mTLS handshake count of a proxy, from its `/metrics`.
+fn inbound_handshakes(w: &Workload) -> u64 {
+    let out = w.run("curl", &["-sf", "http://127.0.0.1:15020/metrics"], T);
+    out.stdout
+        .lines()
+        .filter(|l| l.starts_with("sidemesh_tls_handshakes_total") && l.contains(r#"direction="inbound""#))
+        .filter(|l| l.contains(r#"result="success""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[test]
+fn websocket_upgrades_pass_through_the_mesh() {
+    if netns::skip_unless_capable("websocket_upgrades_pass_through_the_mesh") {
+        return;
+    }
+    if !std::process::Command::new("python3")
+        .args(["-c", "import websockets"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        eprintln!(
+            "SKIP websocket_upgrades_pass_through_the_mesh: python3 module websockets missing (pip install websockets)"
+        );
+        return;
+    }
+    let shop = shop("mesh-ws", ProxyOptions::default());
+    // A real WebSocket server (python websockets) that echoes with its path.
+    let server = r#"
+import asyncio
+from websockets.asyncio.server import serve
+async def echo(ws):
+    async for m in ws:
+        await ws.send(ws.request.path + " " + m)
+async def main():
+    async with serve(echo, "0.0.0.0", 8765):
+        await asyncio.Future()
+asyncio.run(main())
+"#;
+    let _ws = shop.server.pod.start("app-ws", "python3", &["-c", server], &[]);
+    assert!(shop.server.pod.wait_listening(8765, Duration::from_secs(10)));
+    // A real client: several messages both ways on one upgraded connection.
+    let client = |url: &str| {
+        format!(
+            r#"
+from websockets.sync.client import connect
+with connect("{url}", open_timeout=10) as ws:
+    for i in range(3):
+        ws.send("hello-%d" % i)
+        print(ws.recv(timeout=10))
+"#
+        )
+    };
+    let vip = service_ip(10);
+    let before = inbound_handshakes(&shop.server);
+    let out = shop
+        .client
+        .run("python3", &["-c", &client(&format!("ws://{vip}:8765/chat"))], T);
+    assert!(
+        out.success(),
+        "meshed WebSocket failed: {}\nclient proxy:\n{}",
+        out.stderr,
+        shop.client.proxy.log()
+    );
+    assert_eq!(out.stdout.trim(), "/chat hello-0\n/chat hello-1\n/chat hello-2");
+    // It crossed between the proxies as mTLS (its own stream, not the HTTP/2 pool).
+    assert!(
+        inbound_handshakes(&shop.server) > before,
+        "the upgrade did not arrive over mesh mTLS"
+    );
+    // Plaintext from outside the mesh into the server's Pod (permissive).
+    let outsider = shop.mesh.plain_pod("outsider");
+    let out = outsider.run(
+        "python3",
+        &["-c", &client(&format!("ws://{}:8765/direct", shop.server.ip()))],
+        T,
+    );
+    assert!(out.success(), "inbound plaintext WebSocket failed: {}", out.stderr);
+    assert!(out.stdout.starts_with("/direct hello-0"), "{}", out.stdout);
+    // An upgrade the application refuses is answered as it answered.
+    let refused = curl(
+        &shop.client,
+        &[
+            "-si",
+            "-H",
+            "Connection: Upgrade",
+            "-H",
+            "Upgrade: websocket",
+            &format!("http://{vip}:8765/no-key"),
+        ],
+    );
+    assert!(refused.starts_with("HTTP/1.1 400"), "{refused}");
+    // Plain HTTP on the same proxies is untouched.
+    let ok = curl(&shop.client, &[&format!("http://{vip}/after-ws")]);
+    assert!(ok.contains("path=/after-ws"), "{ok}");
+    // curl --http2 asks to upgrade to h2c: that is not taken, the request
+    // stays HTTP/1.1 and goes the request-by-request way.
+    let h2c = curl(&shop.client, &["-si", "--http2", &format!("http://{vip}/h2c")]);
+    assert!(h2c.starts_with("HTTP/1.1 200"), "{h2c}");
+    assert!(h2c.contains("path=/h2c") && h2c.contains("version=HTTP/1.1"), "{h2c}");
 }
