@@ -72,6 +72,10 @@ pub struct ProxyArgs {
     /// How long to wait for a client's first bytes before treating the connection as opaque.
     #[arg(long, env = "SIDEMESH_DETECT_TIMEOUT", default_value = "500ms", value_parser = parse_duration)]
     pub detect_timeout: Duration,
+    /// A destination no connection follows and nobody asked for this long is
+    /// forgotten and unsubscribed (the next connection to it asks again).
+    #[arg(long, env = "SIDEMESH_DISCOVERY_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub discovery_idle_timeout: Duration,
     /// `on` or `off`: data-plane metrics and spans.
     #[arg(long, env = "SIDEMESH_TELEMETRY", value_enum, default_value = "on")]
     pub telemetry: TelemetryMode,

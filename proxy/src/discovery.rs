@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sidemesh_proto::destination::v1::destination_client::DestinationClient;
 use sidemesh_proto::destination::v1::{
@@ -49,9 +49,17 @@ pub struct Discovery {
     inner: Option<Arc<Inner>>,
 }
 
+/// One followed destination.
+#[derive(Debug)]
+struct Target {
+    tx: watch::Sender<Option<Resolution>>,
+    /// When a connection last asked for it.
+    used: Instant,
+}
+
 #[derive(Debug)]
 struct Inner {
-    targets: Mutex<HashMap<SocketAddr, watch::Sender<Option<Resolution>>>>,
+    targets: Mutex<HashMap<SocketAddr, Target>>,
     requests: mpsc::UnboundedSender<SocketAddr>,
     connected: watch::Sender<bool>,
     // Budgets outlive updates of their Service, or every update would refill them.
@@ -67,9 +75,14 @@ impl Discovery {
     /// Follows the destination service on `channel` (a lazily connected mTLS
     /// channel) once `ready` resolves (the workload certificate is held:
     /// connecting before would only be refused).
+    /// Destinations idle for `idle` (no connection follows them, none asked)
+    /// are forgotten and unsubscribed, so that a proxy that meets many
+    /// destinations over its life (external IPs, Pods come and gone) keeps
+    /// to what it uses and under the service's per-stream limit.
     pub fn spawn(
         channel: tonic::transport::Channel,
         ready: impl std::future::Future<Output = ()> + Send + 'static,
+        idle: Duration,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
@@ -81,7 +94,7 @@ impl Discovery {
         let weak = Arc::downgrade(&inner);
         tokio::spawn(async move {
             ready.await;
-            run(weak, DestinationClient::new(channel), rx).await;
+            run(weak, DestinationClient::new(channel), rx, idle).await;
         });
         Self { inner: Some(inner) }
     }
@@ -112,12 +125,14 @@ impl Discovery {
         let Ok(mut targets) = inner.targets.lock() else {
             return watch::Sender::new(Some(Resolution::Unknown)).subscribe();
         };
-        if let Some(tx) = targets.get(&target) {
-            return tx.subscribe();
+        let now = Instant::now();
+        if let Some(t) = targets.get_mut(&target) {
+            t.used = now;
+            return t.tx.subscribe();
         }
         let tx = watch::Sender::new(None);
         let rx = tx.subscribe();
-        targets.insert(target, tx);
+        targets.insert(target, Target { tx, used: now });
         let _ = inner.requests.send(target);
         rx
     }
@@ -141,7 +156,7 @@ impl Discovery {
         let Ok(targets) = inner.targets.lock() else {
             return Vec::new();
         };
-        let mut all: Vec<_> = targets.iter().map(|(k, v)| (*k, v.borrow().clone())).collect();
+        let mut all: Vec<_> = targets.iter().map(|(k, v)| (*k, v.tx.borrow().clone())).collect();
         all.sort_by_key(|(k, _)| *k);
         all
     }
@@ -191,7 +206,7 @@ fn apply(inner: &Inner, rsp: DiscoveryResponse) {
         Some(discovery_response::Result::Unknown(_)) | None => Resolution::Unknown,
     };
     if let Ok(targets) = inner.targets.lock()
-        && let Some(tx) = targets.get(&target)
+        && let Some(Target { tx, .. }) = targets.get(&target)
     {
         tx.send_if_modified(|cur| {
             if cur.as_ref() == Some(&resolution) {
@@ -204,14 +219,34 @@ fn apply(inner: &Inner, rsp: DiscoveryResponse) {
     }
 }
 
+/// Forgets the targets that no connection follows (no receiver) and that
+/// nobody asked for within `idle`; returns them.
+fn evict_idle(inner: &Inner, idle: Duration) -> Vec<SocketAddr> {
+    let now = Instant::now();
+    let mut gone = Vec::new();
+    let mut targets = inner.targets.lock().unwrap_or_else(|p| p.into_inner());
+    targets.retain(|addr, t| {
+        let keep = t.tx.receiver_count() > 0 || now.duration_since(t.used) < idle;
+        if !keep {
+            gone.push(*addr);
+        }
+        keep
+    });
+    gone
+}
+
 async fn run(
     inner: std::sync::Weak<Inner>,
     mut client: DestinationClient<tonic::transport::Channel>,
     mut new_targets: mpsc::UnboundedReceiver<SocketAddr>,
+    idle: Duration,
 ) {
     let mut backoff = Duration::from_millis(200);
+    let mut sweep = tokio::time::interval((idle / 2).clamp(Duration::from_millis(100), Duration::from_secs(30)));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let Some(strong) = inner.upgrade() else { return };
+        evict_idle(&strong, idle);
         // Every known target is (re)subscribed on each new stream.
         let known: Vec<SocketAddr> = strong
             .targets
@@ -222,6 +257,9 @@ async fn run(
         let (req_tx, req_rx) = mpsc::unbounded_channel::<DiscoveryRequest>();
         let subscribe = |t: SocketAddr| DiscoveryRequest {
             request: Some(discovery_request::Request::Subscribe(t.to_string())),
+        };
+        let unsubscribe = |t: SocketAddr| DiscoveryRequest {
+            request: Some(discovery_request::Request::Unsubscribe(t.to_string())),
         };
         for t in known {
             let _ = req_tx.send(subscribe(t));
@@ -239,6 +277,14 @@ async fn run(
                         t = new_targets.recv() => match t {
                             Some(t) => { let _ = req_tx.send(subscribe(t)); }
                             None => return,
+                        },
+                        _ = sweep.tick() => {
+                            let Some(i) = inner.upgrade() else { return };
+                            // Sent in this task, so before any later subscribe of the same target.
+                            for t in evict_idle(&i, idle) {
+                                tracing::debug!(target = %t, "idle destination forgotten");
+                                let _ = req_tx.send(unsubscribe(t));
+                            }
                         },
                         msg = stream.message() => match msg {
                             Ok(Some(rsp)) => {

@@ -144,9 +144,13 @@ async fn run_async(args: ProxyArgs) -> anyhow::Result<()> {
             )
             .context("SIDEMESH_DESTINATION_ADDR")?;
             let certs = certs.clone();
-            Discovery::spawn(channel, async move {
-                certs.ready().await;
-            })
+            Discovery::spawn(
+                channel,
+                async move {
+                    certs.ready().await;
+                },
+                args.discovery_idle_timeout,
+            )
         }
     };
 

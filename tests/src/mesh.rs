@@ -65,6 +65,11 @@ fn make_readable(path: &Path, mode: u32) {
 impl Mesh {
     /// Starts identity and destination in a control-plane Pod.
     pub fn start(prefix: &str) -> Self {
+        Self::start_with(prefix, &[])
+    }
+
+    /// [`Mesh::start`], with extra flags for the destination service.
+    pub fn start_with(prefix: &str, destination_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         // The proxies run as UID 1337 and read the bundle and their tokens.
         make_readable(dir.path(), 0o755);
@@ -113,17 +118,19 @@ impl Mesh {
         let destination_bin = binary("sidemesh-destination");
         let token = p("destination.token");
         let bundle = p("bundle.pem");
+        let mut dargs = vec![
+            "--listen",
+            &dlisten,
+            "--admin-addr",
+            "0.0.0.0:9996",
+            "--source",
+            &source,
+        ];
+        dargs.extend_from_slice(destination_args);
         let destination = cp.start(
             "destination",
             &destination_bin,
-            &[
-                "--listen",
-                &dlisten,
-                "--admin-addr",
-                "0.0.0.0:9996",
-                "--source",
-                &source,
-            ],
+            &dargs,
             &[
                 ("SIDEMESH_IDENTITY_ADDR", &identity_addr),
                 ("SIDEMESH_TOKEN_PATH", &token),

@@ -712,3 +712,65 @@ with connect("{url}", open_timeout=10) as ws:
     assert!(h2c.starts_with("HTTP/1.1 200"), "{h2c}");
     assert!(h2c.contains("path=/h2c") && h2c.contains("version=HTTP/1.1"), "{h2c}");
 }
+
+#[test]
+fn idle_destinations_are_unsubscribed_so_the_stream_limit_is_not_reached() {
+    if netns::skip_unless_capable("idle_destinations_are_unsubscribed_so_the_stream_limit_is_not_reached") {
+        return;
+    }
+    // A destination service that lets a stream follow 3 targets, and a
+    // client proxy that forgets a destination idle for 1 s.
+    let mesh = Mesh::start_with("mesh-evict", &["--max-subscriptions", "3"]);
+    let client_pod = mesh.plain_pod("client");
+    let server_pod = mesh.plain_pod("server");
+    let (sip, cip) = (server_pod.ip().to_string(), client_pod.ip().to_string());
+    let (vip, vip2) = (service_ip(10), service_ip(11));
+    mesh.set_objects(&yaml(&[
+        service("shop", "web", &vip.to_string(), &[("http", 80)], json!({})),
+        slice("shop", "web-1", "web", &[("http", 8080)], &[(&sip, "server", true)]),
+        service("shop", "web2", &vip2.to_string(), &[("http", 80)], json!({})),
+        slice("shop", "web2-1", "web2", &[("http", 8080)], &[(&sip, "server", true)]),
+        pod("shop", "server", &sip, "web", true),
+        pod("default", "client", &cip, "frontend", true),
+    ]));
+    let _apps = start_apps(&server_pod);
+    let _server = mesh.mesh(server_pod, "shop", "web", &ProxyOptions::default());
+    let client = mesh.mesh(
+        client_pod,
+        "default",
+        "frontend",
+        &ProxyOptions {
+            env: vec![("SIDEMESH_DISCOVERY_IDLE_TIMEOUT".into(), "1s".into())],
+            ..ProxyOptions::default()
+        },
+    );
+    let ok = curl(&client, &[&format!("http://{vip}/first")]);
+    assert!(ok.contains(&format!("client-id={FRONTEND}")), "{ok}");
+    // Five more destinations, one after another, each left idle: together
+    // with the first they are twice the service's limit.
+    for port in 9001..9006 {
+        let script = format!(
+            "import socket\ntry:\n    socket.create_connection(('{sip}', {port}), timeout=2).close()\nexcept OSError:\n    pass\n"
+        );
+        assert!(client.run("python3", &["-c", &script], T).success());
+        std::thread::sleep(Duration::from_millis(1700));
+    }
+    // A new Service still resolves: the stream was never refused.
+    let ok = curl(&client, &[&format!("http://{vip2}/after")]);
+    assert!(
+        ok.contains(&format!("client-id={FRONTEND}")),
+        "{ok}\nclient proxy:\n{}",
+        client.proxy.log()
+    );
+    let log = mesh.destination.log();
+    assert!(
+        !log.contains("the limit"),
+        "the destination service refused the stream:\n{log}"
+    );
+    // And the proxy follows what is in use, not all it has met.
+    let state = client.run("curl", &["-sf", "http://127.0.0.1:15020/debug/state"], T);
+    let state: serde_json::Value = serde_json::from_str(&state.stdout).expect("debug/state JSON");
+    let followed = state["discovery"]["targets"].as_array().map_or(usize::MAX, Vec::len);
+    assert!(followed <= 2, "{followed} targets followed: {state}");
+    assert_eq!(state["discovery"]["connected"], true, "{state}");
+}
