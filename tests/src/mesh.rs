@@ -262,9 +262,6 @@ impl Workload {
 
     /// `/debug/state` of its proxy as JSON.
     pub fn state(&self) -> serde_json::Value {
-        // The bound is for `ip netns exec` as much as for curl: with other
-        // tests creating and deleting namespaces on the same 2 cores, entering
-        // one was seen to take over 10 s once (CI, 2026-12-06).
         let out = self.pod.run(
             "curl",
             &["-sf", "--max-time", "5", "http://127.0.0.1:15020/debug/state"],

@@ -103,7 +103,7 @@ fn probe() -> Result<(), String> {
     if euid != "0" {
         return Err(format!("running as uid {euid}"));
     }
-    for tool in ["ip", "ss", "iptables", "iptables-save", "iptables-restore"] {
+    for tool in ["ip", "nsenter", "ss", "iptables", "iptables-save", "iptables-restore"] {
         if find_program(tool).is_none() {
             return Err(format!("{tool} not found"));
         }
@@ -173,11 +173,12 @@ pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> std::io::Result<Outp
             break status;
         }
         if Instant::now() >= deadline {
+            let stuck = where_stuck(child.id());
             let _ = child.kill();
             let _ = child.wait();
             return Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!("did not finish within {timeout:?}"),
+                format!("did not finish within {timeout:?} ({stuck})"),
             ));
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -187,6 +188,23 @@ pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> std::io::Result<Outp
         stdout: out.join().unwrap_or_default(),
         stderr: err.join().unwrap_or_default(),
     })
+}
+
+/// What process `pid` is and where the kernel has it waiting, for the
+/// message of a command that overran.
+fn where_stuck(pid: u32) -> String {
+    let read = |f: &str| std::fs::read_to_string(format!("/proc/{pid}/{f}")).unwrap_or_default();
+    let state = read("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("State:"))
+        .unwrap_or("?")
+        .trim()
+        .to_owned();
+    format!(
+        "pid {pid} {} in state {state}, waiting in {}",
+        read("comm").trim(),
+        read("wchan").trim()
+    )
 }
 
 /// Runs `ip <args>`; the error holds its stderr.
@@ -419,11 +437,23 @@ impl Network {
     }
 }
 
-/// `ip netns exec <ns> <program>`.
+/// `nsenter --net=/run/netns/<ns> -- <program>`.
+///
+/// Not `ip netns exec`: that also unshares a mount namespace and remounts
+/// /sys for every command, and each long-running process then holds its own
+/// copy of the mount tree, which every later `ip netns add`/`del` of
+/// concurrent tests must propagate into under the kernel's global mount
+/// lock. With a few dozen such processes, entering a namespace was seen to
+/// stall for over 30 s (CI, 2026-12-06). Nothing run in a Pod needs /sys.
 fn netns_cmd(ns: &str, program: impl AsRef<OsStr>) -> Command {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns]).arg(program);
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(netns_flag(ns)).arg("--").arg(program);
     cmd
+}
+
+/// nsenter's flag that enters the named network namespace.
+fn netns_flag(ns: &str) -> String {
+    format!("--net=/run/netns/{ns}")
 }
 
 /// A "Pod": a network namespace on a [`Network`].
@@ -453,7 +483,7 @@ impl Pod {
         self.ipv6
     }
 
-    /// The namespace name (for `ip netns exec`).
+    /// The namespace name (under /run/netns, for `ip -n` or `nsenter`).
     pub fn netns(&self) -> &str {
         &self.ns
     }
@@ -488,10 +518,11 @@ impl Pod {
     /// returned [`Proc`] drops; stderr goes to a log in [`Pod::log_dir`].
     pub fn start(&self, label: &str, program: impl AsRef<OsStr>, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let program = program.as_ref().to_string_lossy().into_owned();
-        let mut full: Vec<&str> = vec!["netns", "exec", &self.ns, &program];
+        let net = netns_flag(&self.ns);
+        let mut full: Vec<&str> = vec![&net, "--", &program];
         full.extend_from_slice(args);
         let label = format!("{}-{label}", self.name);
-        Proc::start_program(Path::new("ip"), &label, &full, env, self.shared.log_dir.path())
+        Proc::start_program(Path::new("nsenter"), &label, &full, env, self.shared.log_dir.path())
     }
 
     /// Like [`Pod::start`], as `uid`/gid `uid` with no supplementary groups

@@ -35,7 +35,7 @@ impl Proc {
         Self::start_program(&binary(name), name, args, env, log_dir)
     }
 
-    /// Starts any program (e.g. `taskset` or `ip netns exec` wrapping a binary).
+    /// Starts any program (e.g. `taskset` or `nsenter` wrapping a binary).
     pub fn start_program(
         program: &std::path::Path,
         label: &str,
