@@ -57,31 +57,7 @@ where
     T: Into<OsString> + Clone,
 {
     let args = Args::parse_from(args);
-    if let Err(e) = sidemesh_telemetry::logging::init() {
-        eprintln!("sidemesh-destination: {e}");
-        return ExitCode::from(2);
-    }
-    let mut rt = match args.workers {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n.max(1));
-            b
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
-    let result = rt
-        .enable_all()
-        .build()
-        .context("starting the runtime")
-        .and_then(|rt| rt.block_on(run(args)));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("sidemesh-destination: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    sidemesh_telemetry::runtime::main("sidemesh-destination", args.workers, || run(args))
 }
 
 async fn run(mut args: Args) -> anyhow::Result<()> {

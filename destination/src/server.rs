@@ -16,8 +16,6 @@ use tokio::sync::watch;
 
 use crate::service::Discovery;
 
-/// How long a client may take to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request accepted: a subscription is a few dozen bytes.
 const MAX_REQUEST_BYTES: usize = 16 * 1024;
 /// Concurrent Discover streams per connection (a proxy needs one).
@@ -82,37 +80,11 @@ pub async fn start(
     let local_addr = listener
         .local_addr()
         .map_err(|source| StartError::Listen { addr: listen, source })?;
-    let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(1024);
-    let mut accept_shutdown = shutdown.clone();
-    tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                _ = stopped(&mut accept_shutdown) => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "accept");
-                        // Out of file descriptors and the like: do not spin.
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let conn_tx = conn_tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = conn_tx.send(Ok::<_, std::io::Error>(tls)).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx);
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(sidemesh_identity_client::tls::incoming(
+        listener,
+        acceptor,
+        shutdown.clone(),
+    ));
     let service = DestinationServer::new(discovery).max_decoding_message_size(MAX_REQUEST_BYTES);
     let task = tokio::spawn(async move {
         let result = tonic::transport::Server::builder()

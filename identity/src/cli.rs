@@ -65,34 +65,7 @@ where
     T: Into<OsString> + Clone,
 {
     let args = Args::parse_from(args);
-    if let Err(e) = sidemesh_telemetry::logging::init() {
-        eprintln!("sidemesh-identity: {e}");
-        return ExitCode::from(2);
-    }
-    // One worker: a current-thread runtime. Besides saving a thread, its
-    // scheduler runs a woken connection task after the request tasks already
-    // queued, so responses finished together leave in one write.
-    let mut rt = match args.workers {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n.max(1));
-            b
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
-    let result = rt
-        .enable_all()
-        .build()
-        .context("starting the runtime")
-        .and_then(|rt| rt.block_on(run(args)));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("sidemesh-identity: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    sidemesh_telemetry::runtime::main("sidemesh-identity", args.workers, || run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

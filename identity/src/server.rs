@@ -20,9 +20,6 @@ use crate::metrics::IdentityMetrics;
 use crate::service::{Authority, control_plane_dns_names};
 use crate::token::TokenReviewer;
 
-/// How long a client may take to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Everything the identity service is started with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -155,7 +152,7 @@ pub async fn start(
         addr: config.listen,
         source,
     })?;
-    let (stop_accepting_tx, mut stop_accepting) = watch::channel(false);
+    let (stop_accepting_tx, stop_accepting) = watch::channel(false);
     let authority = Authority::new(
         &config.trust_domain,
         config.leaf_lifetime,
@@ -164,34 +161,11 @@ pub async fn start(
         metrics,
     )
     .with_shutdown(stop_accepting.clone());
-    let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(1024);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                _ = stop_accepting.changed() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "accept");
-                        continue;
-                    }
-                },
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let conn_tx = conn_tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = conn_tx.send(Ok::<_, std::io::Error>(tls)).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx);
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(sidemesh_identity_client::tls::incoming(
+        listener,
+        acceptor,
+        stop_accepting,
+    ));
     let task = tokio::spawn(async move {
         let shutdown = async move {
             shutdown.await;

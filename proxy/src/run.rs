@@ -71,14 +71,7 @@ where
 pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
     // One worker (the default): a current-thread runtime, cheapest for a
     // sidecar, and it batches writes of requests finished together.
-    let mut builder = if args.workers <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(args.workers);
-        b
-    };
-    let rt = builder.enable_all().build().context("starting the runtime")?;
+    let rt = sidemesh_telemetry::runtime::build(Some(args.workers)).context("starting the runtime")?;
     rt.block_on(run_async(args))
 }
 

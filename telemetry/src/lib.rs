@@ -1,8 +1,8 @@
 //! Process plumbing shared by every sidemesh binary: logging (`SIDEMESH_LOG`,
 //! `SIDEMESH_LOG_FORMAT`), the OpenTelemetry meter provider with its
 //! Prometheus page and optional OTLP export, the tracer provider of the
-//! proxies, process resource gauges, the plain-HTTP admin endpoint, and the
-//! shutdown signal.
+//! proxies, process resource gauges, the plain-HTTP admin endpoint, the
+//! shutdown signal, and the runtime and exit code of every service.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -13,6 +13,7 @@ pub mod metrics;
 mod otlp;
 pub mod process;
 mod prom;
+pub mod runtime;
 pub mod shutdown;
 pub mod traces;
 
