@@ -2,6 +2,7 @@
 //! stop taking new work, and a count of connections still in flight that the
 //! process waits on (up to the grace period) before exiting.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -69,6 +70,25 @@ impl Drain {
     pub async fn signaled(&self) {
         let mut rx = self.signal.subscribe();
         let _ = rx.wait_for(|d| *d).await;
+    }
+
+    /// Runs the HTTP connection `conn` to its end; once draining starts it
+    /// is told to finish (`shutdown`, hyper's `graceful_shutdown`: answer
+    /// what is in flight, take nothing new) and still run to its end.
+    pub async fn serve<C, E>(&self, conn: C, shutdown: impl FnOnce(Pin<&mut C>)) -> anyhow::Result<()>
+    where
+        C: Future<Output = Result<(), E>>,
+        E: std::fmt::Display,
+    {
+        let mut conn = std::pin::pin!(conn);
+        let done = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = self.signaled() => {
+                shutdown(conn.as_mut());
+                conn.await
+            }
+        };
+        done.map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     /// Connections in flight.

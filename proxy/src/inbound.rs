@@ -20,7 +20,7 @@ use crate::config::InboundPolicy;
 use crate::detect::{self, Protocol};
 use crate::http::{self as h, Body};
 use crate::telemetry::{self, Counted, Direction, InboundConn, RouteLabels, method_name};
-use crate::tls::{ALPN_HTTP, ALPN_TCP};
+use crate::tls::{ALPN_HTTP, ALPN_HTTP1, ALPN_TCP};
 
 /// The peer's side of a connection, its bytes counted.
 type Downstream = Counted<TcpStream>;
@@ -45,7 +45,7 @@ async fn is_mesh_hello(stream: &TcpStream, proxy: &Proxy) -> bool {
                 return accepted
                     .client_hello()
                     .alpn()
-                    .is_some_and(|mut alpn| alpn.any(|p| p == ALPN_HTTP || p == ALPN_TCP));
+                    .is_some_and(|mut alpn| alpn.any(|p| [ALPN_HTTP, ALPN_HTTP1, ALPN_TCP].contains(&p)));
             }
             Ok(None) if n < buf.len() && tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(std::time::Duration::from_millis(1)).await;
@@ -128,15 +128,7 @@ async fn serve_plain_http(proxy: &Arc<Proxy>, stream: Downstream, app: SocketAdd
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => r.map_err(|e| anyhow::anyhow!("{e}"))?,
-        _ = proxy.drain.signaled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await.map_err(|e| anyhow::anyhow!("{e}"))?;
-        }
-    }
-    Ok(())
+    proxy.drain.serve(conn, |c| c.graceful_shutdown()).await
 }
 
 /// A plaintext upgrade request, sent to the application on a connection of its own.
@@ -197,6 +189,15 @@ async fn serve_mesh(proxy: &Arc<Proxy>, stream: Downstream, peer: SocketAddr, ap
         let conn = conn.clone();
         async move { Ok::<_, std::convert::Infallible>(to_app(&proxy, app, client_id.as_deref(), &conn, req).await) }
     });
+    if alpn.as_deref() == Some(ALPN_HTTP1) {
+        // One upgrade request (WebSocket), then its relay: see `crate::upgrade`.
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(crate::pool::CONNECT_TIMEOUT)
+            .serve_connection(TokioIo::new(tls), svc)
+            .with_upgrades();
+        return proxy.drain.serve(conn, |c| c.graceful_shutdown()).await;
+    }
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(hyper_util::rt::TokioTimer::new())
         .initial_stream_window_size(1 << 20)
@@ -204,15 +205,7 @@ async fn serve_mesh(proxy: &Arc<Proxy>, stream: Downstream, peer: SocketAddr, ap
         .adaptive_window(true)
         .max_concurrent_streams(10_000)
         .serve_connection(TokioIo::new(tls), svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => r?,
-        _ = proxy.drain.signaled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await?;
-        }
-    }
-    Ok(())
+    proxy.drain.serve(conn, |c| c.graceful_shutdown()).await
 }
 
 /// A request from a peer proxy, delivered to the application and measured.
@@ -249,6 +242,10 @@ async fn deliver(
     }
     if let Some(v) = client_id {
         req.headers_mut().insert(h::CLIENT_ID, v.clone());
+    }
+    if crate::upgrade::requested(req.version(), req.headers()) {
+        // Only on a `sidemesh.http1` connection: HTTP/2 has no upgrades.
+        return Box::pin(upgrade_to_app(proxy, app, req)).await;
     }
     match proxy.plain.request(app, req.map(Either::Left)).await {
         Ok(rsp) => rsp.map(Either::Left),

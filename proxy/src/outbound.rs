@@ -26,6 +26,7 @@ use crate::http::{self as h, Body};
 use crate::policy::{BackendEndpoints, Rule, ServicePolicy, split};
 use crate::retry::MAX_RETRY_BODY;
 use crate::telemetry::{self, Counted, Direction, Outcome, RouteLabels, TimeoutKind, method_name};
+use crate::tls::ALPN_HTTP1;
 
 /// The application's side of a connection, its bytes counted.
 type Downstream = Counted<TcpStream>;
@@ -196,15 +197,7 @@ async fn serve_http(proxy: Arc<Proxy>, stream: Downstream, orig: Option<SocketAd
     });
     let builder = auto::Builder::new(TokioExecutor::new());
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => r.map_err(|e| anyhow::anyhow!("{e}"))?,
-        _ = proxy.drain.signaled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await.map_err(|e| anyhow::anyhow!("{e}"))?;
-        }
-    }
-    Ok(())
+    proxy.drain.serve(conn, |c| c.graceful_shutdown()).await
 }
 
 /// Why one attempt failed before a response arrived.
@@ -261,7 +254,7 @@ async fn send(
 ) -> Result<Response<Incoming>, AttemptError> {
     if crate::upgrade::requested(req.version(), req.headers()) {
         // Boxed: rare, and it should not grow every request's future.
-        return Box::pin(send_upgrade(proxy, target, req)).await;
+        return Box::pin(send_upgrade(proxy, target, req, route_labels)).await;
     }
     match (&target.identity, &proxy.pool) {
         (Some(id), Some(pool)) => {
@@ -295,6 +288,7 @@ async fn send_upgrade(
     proxy: &Proxy,
     target: &Target,
     mut req: Request<Body>,
+    route_labels: Option<&HeaderValue>,
 ) -> Result<Response<Incoming>, AttemptError> {
     h::to_plain(&mut req, &target.addr.to_string()).map_err(|_| AttemptError::Malformed)?;
     crate::plain::origin_form(req.uri_mut());
@@ -302,7 +296,14 @@ async fn send_upgrade(
     let guard = proxy.drain.guard();
     match (&target.identity, &proxy.pool) {
         (Some(id), Some(pool)) => {
-            let io = crate::pool::connect_mesh_tcp(pool.tls(), target.addr, id, &proxy.telemetry)
+            // The server proxy parses the request head (to add the client's
+            // identity and count it) and delivers it as it would from HTTP/2.
+            let headers = req.headers_mut();
+            headers.insert(h::ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+            if let Some(v) = route_labels {
+                headers.insert(h::ROUTE_LABELS, v.clone());
+            }
+            let io = crate::pool::connect_mesh(pool.tls(), target.addr, id, ALPN_HTTP1, &proxy.telemetry)
                 .await
                 .map_err(|e| failed(&e))?;
             crate::upgrade::send(io, req, guard).await

@@ -3,9 +3,10 @@
 //! exact SPIFFE ID the destination service says the endpoint has.
 //!
 //! Mesh connections announce themselves with ALPN: `sidemesh.h2` carries HTTP
-//! requests over one pooled HTTP/2 connection per peer, `sidemesh.tcp` one
-//! opaque stream. The inbound side tells them apart from an application's own
-//! TLS by that ALPN.
+//! requests over one pooled HTTP/2 connection per peer, `sidemesh.http1` one
+//! HTTP/1.1 upgrade request (WebSocket) and then its upgraded bytes,
+//! `sidemesh.tcp` one opaque stream. The inbound side tells them apart from
+//! an application's own TLS by that ALPN.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,6 +18,9 @@ use sidemesh_identity_client::{SpiffeId, TrustBundle, TrustStore};
 
 /// ALPN of HTTP carried between proxies over HTTP/2.
 pub const ALPN_HTTP: &[u8] = b"sidemesh.h2";
+/// ALPN of one HTTP/1.1 upgrade request between proxies (HTTP/2 cannot
+/// carry one), after a `101` the upgraded connection.
+pub const ALPN_HTTP1: &[u8] = b"sidemesh.http1";
 /// ALPN of an opaque TCP stream between proxies.
 pub const ALPN_TCP: &[u8] = b"sidemesh.tcp";
 
@@ -81,7 +85,7 @@ impl MeshTls {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(Arc::new(ClientIdVerifier::new(trust.clone())))
             .with_cert_resolver(Arc::new(cert.clone()));
-        server.alpn_protocols = vec![ALPN_HTTP.to_vec(), ALPN_TCP.to_vec()];
+        server.alpn_protocols = vec![ALPN_HTTP.to_vec(), ALPN_HTTP1.to_vec(), ALPN_TCP.to_vec()];
         server.max_early_data_size = 0;
         // The server's order wins, so a peer that prefers AES-256 (an older
         // sidemesh) still gets AES-128.

@@ -9,7 +9,7 @@ use serde_json::json;
 use sidemesh_tests::mesh::{Mesh, ProxyOptions, Workload};
 use sidemesh_tests::netns::{self, Pod, service_ip};
 use sidemesh_tests::objects::{pod, service, slice, yaml};
-use sidemesh_tests::process::{Proc, binary};
+use sidemesh_tests::process::{Proc, binary, metric_value};
 
 const FRONTEND: &str = "spiffe://cluster.local/ns/default/sa/frontend";
 const T: Duration = Duration::from_secs(20);
@@ -638,13 +638,15 @@ fn websocket_upgrades_pass_through_the_mesh() {
         return;
     }
     let shop = shop("mesh-ws", ProxyOptions::default());
-    // A real WebSocket server (python websockets) that echoes with its path.
+    // A real WebSocket server (python websockets) that echoes with its path
+    // and the identity its proxy vouched for.
     let server = r#"
 import asyncio
 from websockets.asyncio.server import serve
 async def echo(ws):
+    who = ws.request.headers.get("sidemesh-client-id", "-")
     async for m in ws:
-        await ws.send(ws.request.path + " " + m)
+        await ws.send(ws.request.path + " " + who + " " + m)
 async def main():
     async with serve(echo, "0.0.0.0", 8765):
         await asyncio.Future()
@@ -652,12 +654,14 @@ asyncio.run(main())
 "#;
     let _ws = shop.server.pod.start("app-ws", "python3", &["-c", server], &[]);
     assert!(shop.server.pod.wait_listening(8765, Duration::from_secs(10)));
-    // A real client: several messages both ways on one upgraded connection.
+    // A real client: several messages both ways on one upgraded connection,
+    // with a forged identity header that no proxy may let through.
     let client = |url: &str| {
         format!(
             r#"
 from websockets.sync.client import connect
-with connect("{url}", open_timeout=10) as ws:
+forged = {{"sidemesh-client-id": "spiffe://cluster.local/ns/x/sa/admin"}}
+with connect("{url}", open_timeout=10, additional_headers=forged) as ws:
     for i in range(3):
         ws.send("hello-%d" % i)
         print(ws.recv(timeout=10))
@@ -675,12 +679,31 @@ with connect("{url}", open_timeout=10) as ws:
         out.stderr,
         shop.client.proxy.log()
     );
-    assert_eq!(out.stdout.trim(), "/chat hello-0\n/chat hello-1\n/chat hello-2");
+    let lines: Vec<String> = (0..3).map(|i| format!("/chat {FRONTEND} hello-{i}")).collect();
+    assert_eq!(
+        out.stdout.trim(),
+        lines.join("\n"),
+        "the client's identity, not the forged one"
+    );
     // It crossed between the proxies as mTLS (its own stream, not the HTTP/2 pool).
     assert!(
         inbound_handshakes(&shop.server) > before,
         "the upgrade did not arrive over mesh mTLS"
     );
+    // The server's proxy saw the upgrade request itself: counted, with its client.
+    let m = shop
+        .server
+        .run("curl", &["-sf", "http://127.0.0.1:15020/metrics"], T)
+        .stdout;
+    let upgrades = metric_value(
+        &m,
+        "http_server_request_duration_seconds_count",
+        &[
+            "http_response_status_code=\"101\"",
+            &format!("source_workload=\"{FRONTEND}\""),
+        ],
+    );
+    assert_eq!(upgrades, 1.0, "{m}");
     // Plaintext from outside the mesh into the server's Pod (permissive).
     let outsider = shop.mesh.plain_pod("outsider");
     let out = outsider.run(
@@ -689,7 +712,11 @@ with connect("{url}", open_timeout=10) as ws:
         T,
     );
     assert!(out.success(), "inbound plaintext WebSocket failed: {}", out.stderr);
-    assert!(out.stdout.starts_with("/direct hello-0"), "{}", out.stdout);
+    assert!(
+        out.stdout.starts_with("/direct - hello-0"),
+        "unauthenticated: {}",
+        out.stdout
+    );
     // An upgrade the application refuses is answered as it answered.
     let refused = curl(
         &shop.client,
