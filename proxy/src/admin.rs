@@ -47,7 +47,7 @@ pub fn state(proxy: &Proxy) -> Value {
         .map(|(target, res)| match res {
             None => json!({ "target": target.to_string(), "kind": "pending" }),
             Some(Resolution::Unknown) => json!({ "target": target.to_string(), "kind": "unknown" }),
-            Some(Resolution::Pod(ep)) => json!({ "target": target.to_string(), "kind": "pod", "endpoint": endpoint_json(&ep) }),
+            Some(Resolution::Pod(ep)) => json!({ "target": target.to_string(), "kind": "pod", "endpoint": endpoint_json(&ep.raw) }),
             Some(Resolution::Service(policy)) => { let svc = &policy.service; json!({
                 "target": target.to_string(),
                 "kind": "service",

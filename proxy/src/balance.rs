@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use sidemesh_proto::destination::v1 as pb;
+use crate::endpoint::Endpoint;
 
 /// Consecutive failures that eject an endpoint.
 pub const FAILURES_TO_EJECT: u32 = 5;
@@ -86,25 +86,21 @@ pub struct Pick {
     started: Instant,
 }
 
-fn addr_of(ep: &pb::Endpoint) -> Option<SocketAddr> {
-    Some(SocketAddr::new(ep.address.parse().ok()?, u16::try_from(ep.port).ok()?))
-}
-
 impl Balancer {
     /// Picks one of `endpoints` (ready ones; all when none is ready), avoiding
     /// `avoid` (endpoints already tried for this request) when possible.
-    pub fn pick(&self, endpoints: &[pb::Endpoint], avoid: &[SocketAddr]) -> Option<Pick> {
+    pub fn pick(&self, endpoints: &[Endpoint], avoid: &[SocketAddr]) -> Option<Pick> {
         let ready: Vec<(usize, SocketAddr)> = endpoints
             .iter()
             .enumerate()
-            .filter(|(_, e)| e.ready)
-            .filter_map(|(i, e)| Some((i, addr_of(e)?)))
+            .filter(|(_, e)| e.ready())
+            .filter_map(|(i, e)| Some((i, e.addr?)))
             .collect();
         let pool = if ready.is_empty() {
             endpoints
                 .iter()
                 .enumerate()
-                .filter_map(|(i, e)| Some((i, addr_of(e)?)))
+                .filter_map(|(i, e)| Some((i, e.addr?)))
                 .collect()
         } else {
             ready
@@ -186,14 +182,16 @@ impl Balancer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sidemesh_proto::destination::v1 as pb;
 
-    fn ep(port: u16) -> pb::Endpoint {
+    fn ep(port: u16) -> Endpoint {
         pb::Endpoint {
             address: "10.0.0.1".into(),
             port: u32::from(port),
             ready: true,
             ..Default::default()
         }
+        .into()
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::endpoint::Endpoint;
 use sidemesh_proto::destination::v1::destination_client::DestinationClient;
 use sidemesh_proto::destination::v1::{
     self as pb, DiscoveryRequest, DiscoveryResponse, discovery_request, discovery_response,
@@ -25,7 +26,7 @@ pub enum Resolution {
     /// A Service's ClusterIP:port, with its compiled traffic policy.
     Service(Arc<ServicePolicy>),
     /// A Pod's IP:port.
-    Pod(Arc<pb::Endpoint>),
+    Pod(Arc<Endpoint>),
 }
 
 impl PartialEq for Resolution {
@@ -202,7 +203,7 @@ fn apply(inner: &Inner, rsp: DiscoveryResponse) {
             let budget = budget_for(inner, &s);
             Resolution::Service(Arc::new(ServicePolicy::compile(s, budget)))
         }
-        Some(discovery_response::Result::Pod(p)) => Resolution::Pod(Arc::new(p)),
+        Some(discovery_response::Result::Pod(p)) => Resolution::Pod(Arc::new(p.into())),
         Some(discovery_response::Result::Unknown(_)) | None => Resolution::Unknown,
     };
     if let Ok(targets) = inner.targets.lock()

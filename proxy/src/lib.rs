@@ -30,6 +30,7 @@ pub mod config;
 pub mod detect;
 pub mod discovery;
 pub mod drain;
+pub mod endpoint;
 pub mod http;
 pub mod identity_metrics;
 pub mod inbound;

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::endpoint::Endpoint;
 use futures::FutureExt as _;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Either};
@@ -16,7 +17,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use sidemesh_identity_client::SpiffeId;
-use sidemesh_proto::destination::v1 as pb;
 use tokio::net::TcpStream;
 
 use crate::Proxy;
@@ -32,22 +32,17 @@ use crate::tls::ALPN_HTTP1;
 type Downstream = Counted<TcpStream>;
 
 /// An endpoint to send to.
-#[derive(Debug, Clone)]
-struct Target {
+#[derive(Debug, Clone, Copy)]
+struct Target<'a> {
     addr: SocketAddr,
     /// Set when the endpoint is meshed and we hold mesh TLS.
-    identity: Option<SpiffeId>,
+    identity: Option<&'a SpiffeId>,
 }
 
-fn endpoint_target(proxy: &Proxy, ep: &pb::Endpoint) -> Option<Target> {
-    let ip = ep.address.parse().ok()?;
-    let port = u16::try_from(ep.port).ok()?;
-    let identity = (ep.meshed && proxy.pool.is_some())
-        .then(|| ep.identity.parse::<SpiffeId>().ok())
-        .flatten();
+fn endpoint_target<'a>(proxy: &Proxy, ep: &'a Endpoint) -> Option<Target<'a>> {
     Some(Target {
-        addr: SocketAddr::new(ip, port),
-        identity,
+        addr: ep.addr?,
+        identity: ep.identity.as_ref().filter(|_| proxy.pool.is_some()),
     })
 }
 
@@ -63,7 +58,7 @@ fn tcp_backend(policy: &ServicePolicy) -> Option<(&str, &Arc<RouteLabels>)> {
 fn is_opaque(proxy: &Proxy, orig: SocketAddr, resolution: &Resolution) -> bool {
     proxy.opaque_ports.contains(&orig.port())
         || matches!(resolution, Resolution::Service(s) if s.service.opaque)
-        || matches!(resolution, Resolution::Pod(p) if p.opaque)
+        || matches!(resolution, Resolution::Pod(p) if p.raw.opaque)
         || matches!(resolution, Resolution::Unknown)
 }
 
@@ -247,7 +242,7 @@ impl AttemptError {
 /// route's labels for the server proxy's metrics).
 async fn send(
     proxy: &Proxy,
-    target: &Target,
+    target: &Target<'_>,
     orig: SocketAddr,
     mut req: Request<Body>,
     route_labels: Option<&HeaderValue>,
@@ -286,7 +281,7 @@ async fn send(
 /// [`crate::upgrade`]).
 async fn send_upgrade(
     proxy: &Proxy,
-    target: &Target,
+    target: &Target<'_>,
     mut req: Request<Body>,
     route_labels: Option<&HeaderValue>,
 ) -> Result<Response<Incoming>, AttemptError> {
@@ -331,8 +326,8 @@ async fn route(
     let target = match resolution {
         Resolution::Service(policy) => return call_service(proxy, orig, policy, req, outcome).await,
         Resolution::Pod(ep) => {
-            if proxy.telemetry.enabled() && ep.meshed {
-                outcome.workload = Some(telemetry::workload("destination_workload", &ep.identity));
+            if proxy.telemetry.enabled() && ep.raw.meshed {
+                outcome.workload = Some(telemetry::workload("destination_workload", &ep.raw.identity));
             }
             endpoint_target(proxy, ep)
         }

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::endpoint::Endpoint;
 use http::Request;
 use opentelemetry::KeyValue;
 use regex_lite::Regex;
@@ -208,8 +209,8 @@ fn duration(d: &Option<prost_types::Duration>) -> Option<Duration> {
 /// A backend's endpoints and the `destination_workload` attribute of each.
 #[derive(Debug, Default)]
 pub struct BackendEndpoints {
-    /// As received.
-    pub endpoints: Vec<pb::Endpoint>,
+    /// Parsed from what was received.
+    pub endpoints: Vec<Endpoint>,
     /// Aligned with `endpoints`: the identity of a meshed endpoint, `""` otherwise.
     pub workloads: Vec<KeyValue>,
 }
@@ -247,7 +248,7 @@ impl ServicePolicy {
         // One attribute per distinct identity, shared by its endpoints.
         let mut identities: HashMap<String, KeyValue> = HashMap::new();
         let mut with_workloads = |endpoints: &[pb::Endpoint]| BackendEndpoints {
-            endpoints: endpoints.to_vec(),
+            endpoints: endpoints.iter().cloned().map(Endpoint::from).collect(),
             workloads: endpoints
                 .iter()
                 .map(|e| {
@@ -340,7 +341,7 @@ impl ServicePolicy {
     }
 
     /// Endpoints of a backend (empty for an unknown one).
-    pub fn endpoints(&self, key: &str) -> &[pb::Endpoint] {
+    pub fn endpoints(&self, key: &str) -> &[Endpoint] {
         self.backends.get(key).map(|b| b.endpoints.as_slice()).unwrap_or(&[])
     }
 

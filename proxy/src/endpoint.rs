@@ -1,0 +1,80 @@
+//! Endpoints as the data path uses them: address and identity parsed once,
+//! when discovery delivers them, instead of on every request.
+
+use std::net::SocketAddr;
+
+use sidemesh_identity_client::SpiffeId;
+use sidemesh_proto::destination::v1 as pb;
+
+/// One endpoint of a Service backend, or a Pod target.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoint {
+    /// Where to connect; `None` when the address sent does not parse (the
+    /// endpoint is then never picked).
+    pub addr: Option<SocketAddr>,
+    /// The SPIFFE ID a meshed endpoint must present; `None` when not meshed.
+    pub identity: Option<SpiffeId>,
+    /// As received (for `/debug/state` and metric attributes).
+    pub raw: pb::Endpoint,
+}
+
+impl From<pb::Endpoint> for Endpoint {
+    fn from(raw: pb::Endpoint) -> Self {
+        let addr = match (raw.address.parse(), u16::try_from(raw.port)) {
+            (Ok(ip), Ok(port)) => Some(SocketAddr::new(ip, port)),
+            _ => {
+                tracing::warn!(address = %raw.address, port = raw.port, "discovery sent an unusable endpoint address");
+                None
+            }
+        };
+        let identity = if raw.meshed {
+            raw.identity
+                .parse()
+                .inspect_err(|e| tracing::warn!(identity = %raw.identity, error = %e, "discovery sent an unparseable endpoint identity"))
+                .ok()
+        } else {
+            None
+        };
+        Self { addr, identity, raw }
+    }
+}
+
+impl Endpoint {
+    /// Whether it may take traffic (see the `ready` field of the wire format).
+    pub fn ready(&self) -> bool {
+        self.raw.ready
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(address: &str, port: u32, identity: &str, meshed: bool) -> pb::Endpoint {
+        pb::Endpoint {
+            address: address.into(),
+            port,
+            identity: identity.into(),
+            meshed,
+            ready: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn address_and_identity_are_parsed_once_and_bad_ones_are_unusable() {
+        let id = "spiffe://cluster.local/ns/shop/sa/web";
+        let ep = Endpoint::from(raw("10.1.2.3", 8080, id, true));
+        assert_eq!(ep.addr, Some("10.1.2.3:8080".parse().unwrap()));
+        assert_eq!(ep.identity.as_ref().map(ToString::to_string).as_deref(), Some(id));
+        assert!(ep.ready());
+        let v6 = Endpoint::from(raw("fd00::1", 80, "", false));
+        assert_eq!(v6.addr, Some("[fd00::1]:80".parse().unwrap()));
+        // An identity counts only for a meshed endpoint.
+        assert_eq!(Endpoint::from(raw("10.1.2.3", 80, id, false)).identity, None);
+        assert_eq!(Endpoint::from(raw("10.1.2.3", 80, "spiffe://x", true)).identity, None);
+        assert_eq!(Endpoint::from(raw("10.1.2.300", 80, "", false)).addr, None);
+        assert_eq!(Endpoint::from(raw("10.1.2.3", 70_000, "", false)).addr, None);
+        assert_eq!(Endpoint::from(raw("", 80, "", false)).addr, None);
+    }
+}
