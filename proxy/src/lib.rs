@@ -5,6 +5,7 @@
 //! - [`socket`]: the original destination of a redirected connection;
 //! - [`detect`]: HTTP/1, HTTP/2, TLS or opaque, from the first bytes;
 //! - [`discovery`]: what the destination is (the destination service's stream);
+//! - [`endpoint`]: endpoints with address and identity parsed once;
 //! - [`outbound`]: the application's connections out;
 //! - [`policy`]: HTTPRoute rules compiled and matched, weighted backend split;
 //! - [`balance`]: P2C over peak-EWMA latency, failure accrual and ejection;
@@ -12,13 +13,14 @@
 //! - [`pool`]: mTLS HTTP/2 connections to peer proxies;
 //! - [`plain`]: plain HTTP to the application and unmeshed upstreams;
 //! - [`relay`]: opaque TCP copied both ways;
+//! - [`upgrade`]: HTTP/1.1 upgrades (WebSocket) on connections of their own;
 //! - [`tls`]: mesh TLS configurations;
 //! - [`inbound`]: connections in, mTLS terminated, delivered to the application;
 //! - [`http`]: request rewriting between HTTP/1, HTTP/2 and the mesh hop;
 //! - [`identity_metrics`]: certificate and trust-bundle gauges;
 //! - [`telemetry`]: request, retry, TCP and TLS metrics, and spans;
 //! - [`admin`]: `/ready`, `/live`, `/metrics`, `/debug/state`, `POST /shutdown`;
-//! - [`drain`]: graceful shutdown.
+//! - [`drain`]: graceful shutdown, and the drain-aware loop of every HTTP connection.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
