@@ -21,16 +21,22 @@ pub const CLIENT_ID: HeaderName = HeaderName::from_static("sidemesh-client-id");
 /// proxies, like Istio's peer metadata).
 pub const ROUTE_LABELS: HeaderName = HeaderName::from_static("sidemesh-route");
 
-/// Body of requests and responses: streamed from the peer, or held whole
-/// (a response the proxy made, or a request buffered so it can be retried).
-pub type Body = Either<Incoming, Full<Bytes>>;
+/// Body of requests and responses: streamed from the peer, held whole (a
+/// response the proxy made, or a request buffered so it can be retried), or
+/// streamed and copied for a retry ([`crate::replay`]).
+pub type Body = Either<Incoming, Either<Full<Bytes>, crate::replay::Recording>>;
+
+/// A body held whole.
+pub fn full(bytes: Bytes) -> Body {
+    Either::Right(Either::Left(Full::new(bytes)))
+}
 
 /// Retried attempts carry their number (1 for the first retry) so backends can tell.
 pub const RETRY_ATTEMPT: HeaderName = HeaderName::from_static("x-sidemesh-retry-attempt");
 
 /// A response made by the proxy itself.
 pub fn respond(status: StatusCode, msg: &'static str) -> Response<Body> {
-    let mut rsp = Response::new(Either::Right(Full::new(Bytes::from_static(msg.as_bytes()))));
+    let mut rsp = Response::new(full(Bytes::from_static(msg.as_bytes())));
     *rsp.status_mut() = status;
     rsp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));

@@ -10,6 +10,7 @@
 //! - [`policy`]: HTTPRoute rules compiled and matched, weighted backend split;
 //! - [`balance`]: P2C over peak-EWMA latency, failure accrual and ejection;
 //! - [`retry`]: retry budget and backoff;
+//! - [`replay`]: request bodies of unknown length copied for a retry;
 //! - [`pool`]: mTLS HTTP/2 connections to peer proxies;
 //! - [`plain`]: plain HTTP to the application and unmeshed upstreams;
 //! - [`relay`]: opaque TCP copied both ways;
@@ -41,6 +42,7 @@ pub mod plain;
 pub mod policy;
 pub mod pool;
 pub mod relay;
+pub mod replay;
 pub mod retry;
 pub mod run;
 pub mod socket;

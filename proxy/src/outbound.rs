@@ -445,17 +445,21 @@ async fn attempts(
     // travels with the original request head only.
     let upgrade = crate::upgrade::requested(parts.version, &parts.headers);
     let mut parts = Some(parts);
-    // Retries need the body again: hold it when it is small, else send it once.
-    let (buffered, mut streaming) = if retry.is_some() && bufferable(&body) {
-        match body.collect().await {
-            Ok(b) => (Some(b.to_bytes()), None),
+    // Retries need the body again: hold it when it is known to be small,
+    // copy it as it streams when its length is unknown, else send it once.
+    let (mut buffered, mut streaming, recorder): (Option<bytes::Bytes>, Option<Body>, _) = match retry {
+        Some(_) if bufferable(&body) => match body.collect().await {
+            Ok(b) => (Some(b.to_bytes()), None, None),
             Err(_) => return h::respond(StatusCode::BAD_REQUEST, "sidemesh: the request body broke off\n"),
+        },
+        Some(_) if !upgrade && hyper::body::Body::size_hint(&body).upper().is_none() => {
+            let (recorder, body) = crate::replay::record(body);
+            (None, Some(Either::Right(Either::Right(body))), Some(recorder))
         }
-    } else {
-        (None, Some(body))
+        _ => (None, Some(Either::Left(body)), None),
     };
-    let max_attempts = match (&buffered, retry) {
-        (Some(_), Some(r)) if !upgrade => r.attempts,
+    let max_attempts = match retry {
+        Some(r) if !upgrade && (buffered.is_some() || recorder.is_some()) => r.attempts,
         _ => 1,
     };
     let mut tried: Vec<SocketAddr> = Vec::new();
@@ -474,8 +478,8 @@ async fn attempts(
             return h::respond(StatusCode::BAD_GATEWAY, "sidemesh: endpoint address unusable\n");
         };
         let body: Body = match (&buffered, streaming.take()) {
-            (Some(bytes), _) => Either::Right(http_body_util::Full::new(bytes.clone())),
-            (None, Some(body)) => Either::Left(body),
+            (Some(bytes), _) => h::full(bytes.clone()),
+            (None, Some(body)) => body,
             (None, None) => {
                 return h::respond(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -536,6 +540,19 @@ async fn attempts(
         };
         if !retryable || attempt >= max_attempts {
             return response;
+        }
+        // A streamed body is replayed only if the first attempt read all of it.
+        if buffered.is_none() {
+            match recorder.as_ref().and_then(crate::replay::Recorder::replay) {
+                Some(bytes) => buffered = Some(bytes),
+                None => {
+                    tracing::debug!(
+                        attempt,
+                        "not retried: the request body was not read whole, or exceeds 64 KiB"
+                    );
+                    return response;
+                }
+            }
         }
         // When the budget is spent the original failure is returned.
         if !policy.budget.withdraw() {

@@ -212,7 +212,7 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use http_body_util::{BodyExt as _, Either, Full};
+    use http_body_util::{BodyExt as _, Full};
     use tokio::net::TcpListener;
 
     use super::*;
@@ -255,7 +255,7 @@ mod tests {
     async fn get(clients: &PlainClients, addr: SocketAddr, path: &str) -> String {
         let req = Request::get(format!("http://{addr}{path}"))
             .header(http::header::HOST, addr.to_string())
-            .body(Either::Right(Full::new(bytes::Bytes::new())))
+            .body(crate::http::full(bytes::Bytes::new()))
             .expect("request");
         let rsp = clients.request(addr, req).await.expect("response");
         let body = rsp.into_body().collect().await.expect("body").to_bytes();

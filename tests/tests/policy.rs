@@ -299,6 +299,34 @@ fn retries_hide_a_flaky_backend_and_the_budget_caps_a_dead_one() {
         with.success_rate()
     );
 
+    // Bodies of unknown length (chunked uploads; gRPC over HTTP/2 is the same
+    // to the proxy) are streamed to the first attempt and replayed on a retry.
+    let script = format!(
+        "head -c 3000 /dev/zero | tr '\\0' x > /tmp/sidemesh-upload-$$; \
+         for i in $(seq 40); do curl -s --max-time 5 -w ' status=%{{http_code}}\\n' \
+         -H 'Transfer-Encoding: chunked' --data-binary @/tmp/sidemesh-upload-$$ {flaky_url}; done; \
+         rm -f /tmp/sidemesh-upload-$$"
+    );
+    let out = client.run("sh", &["-c", &script], Duration::from_secs(60));
+    let statuses: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("status="))
+        .collect();
+    let bodies: Vec<&str> = out.stdout.lines().filter(|l| l.starts_with("name=")).collect();
+    assert_eq!(statuses, vec!["200"; 40], "{}", out.stdout);
+    assert_eq!(bodies.len(), 40, "{}", out.stdout);
+    assert!(
+        bodies.iter().all(|b| b.contains("body-bytes=3000")),
+        "an upload arrived cut: {}",
+        out.stdout
+    );
+    assert!(
+        bodies.iter().any(|b| !b.contains("attempt=0")),
+        "no upload needed a retry, so none was replayed: {}",
+        out.stdout
+    );
+
     let before = hits(&flaky);
     let raw = {
         // `reviews` spans flaky and dead: use a direct Pod-IP call to flaky instead (no route, no retry).

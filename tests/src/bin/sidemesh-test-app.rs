@@ -3,7 +3,9 @@
 //! server-speaks-first TCP server.
 //!
 //! `sidemesh-test-app http <addr> <name>` — answers every request with
-//! `name=<name> version=<v> path=<p> client-id=<sidemesh-client-id or ->`;
+//! `name=<name> version=<v> path=<p> client-id=<sidemesh-client-id or ->
+//! attempt=<x-sidemesh-retry-attempt or 0> traceparent=<…> body-bytes=<n>`
+//! (the request body is read whole first; -1 when it broke off);
 //! `?status=N` sets the status, `?sleep_ms=N` delays the answer; with
 //! `SIDEMESH_TEST_FAIL_PCT=P` in the environment, P% of requests get 503.
 //! With `SIDEMESH_TEST_DELAY_FILE=F`, each answer waits the milliseconds
@@ -95,10 +97,13 @@ async fn answer(name: String, req: Request<Incoming>) -> Result<Response<Full<By
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-")
         .to_owned();
+    let (version, path) = (req.version(), req.uri().path().to_owned());
+    // Read whole before answering, as an RPC server does; its size is reported.
+    let received = http_body_util::BodyExt::collect(req.into_body())
+        .await
+        .map_or(-1, |b| b.to_bytes().len() as i64);
     let body = format!(
-        "name={name} version={:?} path={} client-id={client} attempt={attempt} traceparent={trace}\n",
-        req.version(),
-        req.uri().path()
+        "name={name} version={version:?} path={path} client-id={client} attempt={attempt} traceparent={trace} body-bytes={received}\n"
     );
     let mut rsp = Response::new(Full::new(Bytes::from(body)));
     *rsp.status_mut() = status;
