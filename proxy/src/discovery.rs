@@ -8,13 +8,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::endpoint::Endpoint;
 use sidemesh_proto::destination::v1::destination_client::DestinationClient;
 use sidemesh_proto::destination::v1::{
     self as pb, DiscoveryRequest, DiscoveryResponse, discovery_request, discovery_response,
 };
 use tokio::sync::{mpsc, watch};
 
+use crate::endpoint::Endpoint;
 use crate::policy::ServicePolicy;
 use crate::retry::Budget;
 

@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::endpoint::Endpoint;
 use futures::FutureExt as _;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Either};
@@ -22,6 +21,7 @@ use tokio::net::TcpStream;
 use crate::Proxy;
 use crate::detect::{self, Protocol};
 use crate::discovery::Resolution;
+use crate::endpoint::Endpoint;
 use crate::http::{self as h, Body};
 use crate::policy::{BackendEndpoints, Rule, ServicePolicy, split};
 use crate::retry::MAX_RETRY_BODY;

@@ -7,12 +7,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::endpoint::Endpoint;
 use http::Request;
 use opentelemetry::KeyValue;
 use regex_lite::Regex;
 use sidemesh_proto::destination::v1::{self as pb, path_match};
 
+use crate::endpoint::Endpoint;
 use crate::retry::Budget;
 use crate::telemetry::{self, RouteLabels};
 
