@@ -27,8 +27,6 @@ use crate::review::{self, Review, StaticNamespaces, Verdict};
 
 /// The largest review body accepted (the API server caps objects at ~3 MiB).
 pub const MAX_BODY: usize = 8 << 20;
-/// How long a client may take to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where Namespace annotations come from.
 #[derive(Debug, Clone)]
@@ -233,35 +231,13 @@ async fn serve(
 ) {
     let graceful = GracefulShutdown::new();
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel(64);
+    let (stop_accepting, stop) = tokio::sync::watch::channel(false);
+    let mut conns = sidemesh_identity_client::tls::incoming(listener, acceptor, stop);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            accepted = listener.accept() => {
-                let (tcp, peer) = match accepted {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "accept");
-                        continue;
-                    }
-                };
-                let _ = tcp.set_nodelay(true);
-                let acceptor = acceptor.clone();
-                let conn_tx = conn_tx.clone();
-                // Handshakes run on their own tasks so a slow client cannot
-                // hold up the accept loop.
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = conn_tx.send(tls).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                });
-            }
-            Some(tls) = conn_rx.recv() => {
+            Some(Ok(tls)) = conns.recv() => {
                 let shared = shared.clone();
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let shared = shared.clone();
@@ -277,7 +253,9 @@ async fn serve(
             }
         }
     }
-    drop(listener);
+    // The listener closes: new connections are refused while the drain runs.
+    let _ = stop_accepting.send(true);
+    drop(conns);
     graceful.shutdown().await;
     tracing::info!("webhook drained");
 }
