@@ -85,16 +85,17 @@ fuzz_target!(|data: &[u8]| {
     let _ = index.invalid_annotations();
     for target in targets(&parsed.objects) {
         let (result, consumers) = index.resolve_with_consumers(target, "cluster.local");
-        proxy_side(result, target);
-        for set in consumers.values() {
-            if let pb::discovery_response::Result::Service(svc) = index.resolve(target, "cluster.local") {
+        // What a client in each namespace with consumer routes is sent.
+        if let pb::discovery_response::Result::Service(svc) = &result {
+            for set in consumers.values() {
                 let view = pb::Service {
                     routes: set.routes.clone(),
                     backends: set.backends.clone(),
-                    ..svc
+                    ..svc.clone()
                 };
                 proxy_side(pb::discovery_response::Result::Service(view), target);
             }
         }
+        proxy_side(result, target);
     }
 });
