@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 
 use crate::Proxy;
 use crate::config::InboundPolicy;
-use crate::detect::{self, Protocol};
+use crate::detect::{self, Detected, Protocol};
 use crate::http::{self as h, Body};
 use crate::telemetry::{self, Counted, Direction, InboundConn, RouteLabels, method_name};
 use crate::tls::{ALPN_HTTP, ALPN_HTTP1, ALPN_TCP};
@@ -68,9 +68,27 @@ pub async fn handle(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr) -> a
     let protocol = if proxy.opaque_ports.contains(&orig.port()) && proxy.pool.is_none() {
         Protocol::Opaque
     } else {
-        let detected = detect::detect(&stream, proxy.detect_timeout).await?;
-        proxy.telemetry.detected(Direction::Inbound, detected);
-        detected
+        let detected = if proxy.inbound_policy == InboundPolicy::Strict {
+            // Mesh peers speak at once, and strict refuses everyone else.
+            let said = detect::detect(&stream, proxy.detect_timeout).await?;
+            Detected::Client(said.unwrap_or(Protocol::Opaque))
+        } else {
+            detect::detect_or_connect(&stream, proxy.detect_timeout, || crate::pool::connect_tcp(app)).await?
+        };
+        match detected {
+            Detected::Client(p) => {
+                proxy.telemetry.detected(Direction::Inbound, p);
+                p
+            }
+            Detected::Server { mut upstream, greeting } => {
+                tracing::debug!(%peer, %app, "inbound server-first (unauthenticated)");
+                proxy.telemetry.detected(Direction::Inbound, Protocol::Opaque);
+                let mut stream = proxy.telemetry.counted(stream, Direction::Inbound);
+                crate::relay::relay_greeted(&mut stream, &mut upstream, &greeting).await?;
+                return Ok(());
+            }
+            Detected::Closed => return Ok(()),
+        }
     };
     let mesh = match (&protocol, &proxy.pool) {
         (Protocol::Tls, Some(_)) => is_mesh_hello(&stream, proxy).await,

@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::FutureExt as _;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Either};
 use hyper::body::Incoming;
@@ -19,7 +18,7 @@ use sidemesh_identity_client::SpiffeId;
 use tokio::net::TcpStream;
 
 use crate::Proxy;
-use crate::detect::{self, Protocol};
+use crate::detect::{self, Detected, Protocol};
 use crate::discovery::Resolution;
 use crate::endpoint::Endpoint;
 use crate::http::{self as h, Body};
@@ -70,7 +69,7 @@ pub async fn handle(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr) -> a
     if orig == stream.local_addr()? {
         // Not redirected: a client that talks to the proxy on purpose (no
         // iptables, as in the loopback demo). Only HTTP says where it goes.
-        let detected = detect::detect(&stream, proxy.detect_timeout).await?;
+        let detected = detect::detect_patiently(&stream, proxy.detect_timeout).await?;
         if !matches!(detected, Protocol::Http1 | Protocol::Http2) {
             anyhow::bail!("connection to {orig} was not redirected and is not HTTP; refusing to loop");
         }
@@ -80,27 +79,47 @@ pub async fn handle(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr) -> a
     let resolution = proxy.discovery.resolve(orig).await;
     // Unknown destinations and opaque ports are never inspected: no waiting
     // for a client that expects the server to speak first.
-    let protocol = if is_opaque(proxy, orig, &resolution) {
-        Protocol::Opaque
-    } else {
-        let detected = detect::detect(&stream, proxy.detect_timeout).await?;
-        proxy.telemetry.detected(Direction::Outbound, detected);
-        detected
+    if is_opaque(proxy, orig, &resolution) {
+        let mut stream = proxy.telemetry.counted(stream, Direction::Outbound);
+        let mut upstream = connect_opaque(proxy, orig, &resolution).await?;
+        crate::relay::relay(&mut stream, &mut upstream).await?;
+        return Ok(());
+    }
+    let detected = detect::detect_or_connect(&stream, proxy.detect_timeout, || {
+        connect_opaque(proxy, orig, &resolution)
+    })
+    .await?;
+    let protocol = match detected {
+        Detected::Client(p) => p,
+        Detected::Server { mut upstream, greeting } => {
+            tracing::debug!(%peer, %orig, "outbound server-first");
+            proxy.telemetry.detected(Direction::Outbound, Protocol::Opaque);
+            let mut stream = proxy.telemetry.counted(stream, Direction::Outbound);
+            crate::relay::relay_greeted(&mut stream, &mut upstream, &greeting).await?;
+            return Ok(());
+        }
+        Detected::Closed => return Ok(()),
     };
+    proxy.telemetry.detected(Direction::Outbound, protocol);
     tracing::debug!(%peer, %orig, ?protocol, "outbound");
-    let stream = proxy.telemetry.counted(stream, Direction::Outbound);
+    let mut stream = proxy.telemetry.counted(stream, Direction::Outbound);
     match protocol {
         Protocol::Http1 | Protocol::Http2 => serve_http(proxy.clone(), stream, Some(orig)).await,
-        Protocol::Opaque | Protocol::Tls => forward_tcp(proxy, stream, orig, &resolution).await,
+        Protocol::Opaque | Protocol::Tls => {
+            let mut upstream = connect_opaque(proxy, orig, &resolution).await?;
+            crate::relay::relay(&mut stream, &mut upstream).await?;
+            Ok(())
+        }
     }
 }
 
-async fn forward_tcp(
-    proxy: &Proxy,
-    mut stream: Downstream,
-    orig: SocketAddr,
-    resolution: &Resolution,
-) -> anyhow::Result<()> {
+/// The upstream of an opaque connection: plain TCP, or a mesh mTLS stream.
+trait Upstream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Upstream for T {}
+
+/// Connects an opaque connection to `orig` where discovery says it goes (a
+/// Service: the first rule's weighted split, balanced, over mTLS if meshed).
+async fn connect_opaque(proxy: &Proxy, orig: SocketAddr, resolution: &Resolution) -> anyhow::Result<Box<dyn Upstream>> {
     let (target, pick) = match resolution {
         Resolution::Unknown => (
             Target {
@@ -129,21 +148,20 @@ async fn forward_tcp(
             (target, Some((pick, labels)))
         }
     };
-    let connected = match (&target.identity, &proxy.pool) {
+    let connected: Result<Box<dyn Upstream>, _> = match (&target.identity, &proxy.pool) {
         (Some(id), Some(pool)) => crate::pool::connect_mesh_tcp(pool.tls(), target.addr, id, &proxy.telemetry)
             .await
-            .map(|mut upstream| async move { crate::relay::relay(&mut stream, &mut upstream).await }.boxed()),
+            .map(|s| Box::new(s) as Box<dyn Upstream>),
         _ => crate::pool::connect_tcp(target.addr)
             .await
-            .map(|mut upstream| async move { crate::relay::relay(&mut stream, &mut upstream).await }.boxed()),
+            .map(|s| Box::new(s) as Box<dyn Upstream>),
     };
     if let Some((pick, labels)) = pick
         && proxy.balancer.done(pick, connected.is_ok())
     {
         proxy.telemetry.ejection(labels);
     }
-    connected?.await?;
-    Ok(())
+    Ok(connected?)
 }
 
 /// The destination an explicit (unredirected) request names: its authority as `ip:port`.

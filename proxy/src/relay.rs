@@ -17,3 +17,21 @@ where
 {
     tokio::io::copy_bidirectional_with_sizes(a, b, BUFFER, BUFFER).await
 }
+
+/// [`relay`], after first handing `a` what `b` has already said (a
+/// server-first protocol's greeting, read while detecting).
+pub async fn relay_greeted<A, B>(a: &mut A, b: &mut B, greeting: &[u8]) -> std::io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    use tokio::io::AsyncWriteExt as _;
+    if greeting.is_empty() {
+        // The server closed without a word: nobody is left to talk to.
+        a.shutdown().await?;
+        return Ok((0, 0));
+    }
+    a.write_all(greeting).await?;
+    let (sent, received) = relay(a, b).await?;
+    Ok((sent, received + greeting.len() as u64))
+}

@@ -352,6 +352,67 @@ fn strict_mode_refuses_plaintext_and_foreign_certificates() {
     assert!(log.contains("strict inbound policy"), "{log}");
 }
 
+/// An HTTP/1.1 request with a forged identity header, sent from inside a Pod
+/// on a connection left idle for `idle` first, as a pool's spare connection is.
+fn late_http(pod: &Pod, addr: &str, idle: Duration) -> String {
+    let (host, port) = addr.rsplit_once(':').expect("addr");
+    let script = format!(
+        r#"
+import socket, sys, time
+s = socket.create_connection(("{host}", {port}), timeout=10)
+time.sleep({idle})
+s.sendall(b"GET /late HTTP/1.1\r\nHost: {host}\r\nsidemesh-client-id: spiffe://cluster.local/ns/x/sa/admin\r\nConnection: close\r\n\r\n")
+data = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+sys.stdout.write(data.decode(errors="replace"))
+"#,
+        idle = idle.as_secs_f64(),
+    );
+    let out = pod.run("python3", &["-c", &script], T);
+    assert!(out.success(), "late request to {addr}: {}", out.stderr);
+    out.stdout
+}
+
+#[test]
+fn http_clients_that_connect_ahead_of_their_first_request_are_still_proxied_as_http() {
+    if netns::skip_unless_capable("http_clients_that_connect_ahead_of_their_first_request_are_still_proxied_as_http") {
+        return;
+    }
+    let shop = shop("mesh-late", ProxyOptions::default());
+    let vip = service_ip(10);
+    // Idle three times the 500 ms detection timeout. Taken for opaque TCP, the
+    // request would reach the app raw, forged header and all.
+    let idle = Duration::from_millis(1500);
+    let meshed = late_http(&shop.client.pod, &format!("{vip}:80"), idle);
+    assert!(meshed.starts_with("HTTP/1.1 200"), "{meshed}");
+    assert!(
+        meshed.contains(&format!("client-id={FRONTEND}")),
+        "the late request went through HTTP routing and mTLS identity: {meshed}"
+    );
+    // The same from outside the mesh straight to the Pod (permissive): the
+    // server proxy still proxies it request by request and drops the header.
+    let outsider = shop.mesh.plain_pod("outsider");
+    let plain = late_http(&outsider, &format!("{}:8080", shop.server.ip()), idle);
+    assert!(plain.starts_with("HTTP/1.1 200"), "{plain}");
+    assert!(
+        plain.contains("client-id=-"),
+        "a forged identity reached the app: {plain}"
+    );
+    let metrics = |w: &Workload| w.run("curl", &["-sf", "http://127.0.0.1:15020/metrics"], T).stdout;
+    let detected = |m: &str, direction: &str, protocol: &str| {
+        let (d, p) = (format!("direction=\"{direction}\""), format!("protocol=\"{protocol}\""));
+        metric_value(m, "sidemesh_detect_results_total", &[&d, &p])
+    };
+    let (client, server) = (metrics(&shop.client), metrics(&shop.server));
+    assert_eq!(detected(&client, "outbound", "http1"), 1.0, "{client}");
+    assert_eq!(detected(&client, "outbound", "opaque"), 0.0, "{client}");
+    assert_eq!(detected(&server, "inbound", "http1"), 1.0, "{server}");
+}
+
 #[test]
 fn server_first_protocols_answer_without_waiting_for_the_client() {
     if netns::skip_unless_capable("server_first_protocols_answer_without_waiting_for_the_client") {
