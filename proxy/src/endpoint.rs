@@ -9,8 +9,9 @@ use sidemesh_proto::destination::v1 as pb;
 /// One endpoint of a Service backend, or a Pod target.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Endpoint {
-    /// Where to connect; `None` when the address sent does not parse (the
-    /// endpoint is then never picked).
+    /// Where to connect; `None` when the address sent does not parse, or the
+    /// endpoint is meshed and its identity does not (fail closed: it is then
+    /// never picked, rather than sent plaintext).
     pub addr: Option<SocketAddr>,
     /// The SPIFFE ID a meshed endpoint must present; `None` when not meshed.
     pub identity: Option<SpiffeId>,
@@ -20,7 +21,7 @@ pub struct Endpoint {
 
 impl From<pb::Endpoint> for Endpoint {
     fn from(raw: pb::Endpoint) -> Self {
-        let addr = match (raw.address.parse(), u16::try_from(raw.port)) {
+        let mut addr = match (raw.address.parse(), u16::try_from(raw.port)) {
             (Ok(ip), Ok(port)) => Some(SocketAddr::new(ip, port)),
             _ => {
                 tracing::warn!(address = %raw.address, port = raw.port, "discovery sent an unusable endpoint address");
@@ -35,6 +36,9 @@ impl From<pb::Endpoint> for Endpoint {
         } else {
             None
         };
+        if raw.meshed && identity.is_none() {
+            addr = None;
+        }
         Self { addr, identity, raw }
     }
 }
@@ -72,7 +76,8 @@ mod tests {
         assert_eq!(v6.addr, Some("[fd00::1]:80".parse().unwrap()));
         // An identity counts only for a meshed endpoint.
         assert_eq!(Endpoint::from(raw("10.1.2.3", 80, id, false)).identity, None);
-        assert_eq!(Endpoint::from(raw("10.1.2.3", 80, "spiffe://x", true)).identity, None);
+        let unverifiable = Endpoint::from(raw("10.1.2.3", 80, "spiffe://x", true));
+        assert_eq!((unverifiable.identity, unverifiable.addr), (None, None), "never picked");
         assert_eq!(Endpoint::from(raw("10.1.2.300", 80, "", false)).addr, None);
         assert_eq!(Endpoint::from(raw("10.1.2.3", 70_000, "", false)).addr, None);
         assert_eq!(Endpoint::from(raw("", 80, "", false)).addr, None);

@@ -45,6 +45,21 @@ fn endpoint_target<'a>(proxy: &Proxy, ep: &'a Endpoint) -> Option<Target<'a>> {
     })
 }
 
+/// Where a connection or request to a Pod IP goes: that Pod (its address as
+/// discovery knows it, else the original destination), over mTLS if it is
+/// meshed. `None` for a meshed Pod whose identity did not parse: refused, not
+/// sent plaintext.
+fn pod_target(ep: &Endpoint, orig: SocketAddr, mesh_tls: bool) -> Option<Target<'_>> {
+    let identity = ep.identity.as_ref().filter(|_| mesh_tls);
+    if ep.raw.meshed && mesh_tls && identity.is_none() {
+        return None;
+    }
+    Some(Target {
+        addr: ep.addr.unwrap_or(orig),
+        identity,
+    })
+}
+
 /// The backend of a Service for a whole TCP connection: the first rule's
 /// weighted split (HTTPRoute matches are HTTP-only), else the Service itself.
 fn tcp_backend(policy: &ServicePolicy) -> Option<(&str, &Arc<RouteLabels>)> {
@@ -129,10 +144,8 @@ async fn connect_opaque(proxy: &Proxy, orig: SocketAddr, resolution: &Resolution
             None,
         ),
         Resolution::Pod(ep) => (
-            endpoint_target(proxy, ep).unwrap_or(Target {
-                addr: orig,
-                identity: None,
-            }),
+            pod_target(ep, orig, proxy.pool.is_some())
+                .ok_or_else(|| anyhow::anyhow!("{orig}: meshed Pod with an unusable identity; refusing plaintext"))?,
             None,
         ),
         Resolution::Service(policy) => {
@@ -347,14 +360,21 @@ async fn route(
             if proxy.telemetry.enabled() && ep.raw.meshed {
                 outcome.workload = Some(telemetry::workload("destination_workload", &ep.raw.identity));
             }
-            endpoint_target(proxy, ep)
+            match pod_target(ep, orig, proxy.pool.is_some()) {
+                Some(target) => target,
+                None => {
+                    return h::respond(
+                        StatusCode::BAD_GATEWAY,
+                        "sidemesh: the destination Pod is meshed but its identity is unusable\n",
+                    );
+                }
+            }
         }
-        Resolution::Unknown => None,
+        Resolution::Unknown => Target {
+            addr: orig,
+            identity: None,
+        },
     };
-    let target = target.unwrap_or(Target {
-        addr: orig,
-        identity: None,
-    });
     outcome.mtls = target.identity.is_some();
     match send(proxy, &target, orig, req.map(Either::Left), None).await {
         Ok(rsp) => {
@@ -584,5 +604,45 @@ async fn attempts(
             tokio::time::sleep(crate::retry::backoff(r.backoff, attempt + 1)).await;
         }
         attempt += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sidemesh_proto::destination::v1 as pb;
+
+    fn pod(address: &str, identity: &str, meshed: bool) -> Endpoint {
+        Endpoint::from(pb::Endpoint {
+            address: address.into(),
+            port: 8080,
+            identity: identity.into(),
+            meshed,
+            ready: true,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn a_meshed_pod_gets_mtls_or_nothing_never_plaintext() {
+        let orig: SocketAddr = "10.1.2.3:8080".parse().unwrap();
+        let id = "spiffe://cluster.local/ns/shop/sa/web";
+        let good = pod("10.1.2.3", id, true);
+        let t = pod_target(&good, orig, true).expect("target");
+        assert_eq!(
+            (t.addr, t.identity.map(ToString::to_string)),
+            (orig, Some(id.to_owned()))
+        );
+        // Unparseable identity: refused rather than sent in the clear.
+        assert!(pod_target(&pod("10.1.2.3", "spiffe://x", true), orig, true).is_none());
+        // A good identity survives an unparseable address (the original destination is the Pod).
+        let bad_addr = pod("10.1.2.300", id, true);
+        let t = pod_target(&bad_addr, orig, true).expect("target");
+        assert_eq!((t.addr, t.identity.is_some()), (orig, true));
+        // Unmeshed Pods, and proxies without mesh TLS, send plain.
+        let plain = pod("10.1.2.3", "", false);
+        let t = pod_target(&plain, orig, true).expect("target");
+        assert!(t.identity.is_none());
+        assert!(pod_target(&good, orig, false).expect("target").identity.is_none());
     }
 }
