@@ -62,15 +62,19 @@ fn classify(buf: &[u8]) -> Verdict {
     classify_http1(buf)
 }
 
+/// The longest method taken for HTTP; longer runs of capitals are another protocol.
+const MAX_METHOD: usize = 16;
+
 /// `METHOD SP request-target SP HTTP/1.x CRLF`.
 fn classify_http1(buf: &[u8]) -> Verdict {
     let method_len = buf.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    // Decided on the method alone, so the verdict cannot depend on how the
+    // bytes were split into segments.
+    if method_len > MAX_METHOD {
+        return Verdict::Is(Protocol::Opaque);
+    }
     if method_len == buf.len() {
-        return if method_len <= 16 {
-            Verdict::NeedMore
-        } else {
-            Verdict::Is(Protocol::Opaque)
-        };
+        return Verdict::NeedMore;
     }
     if method_len == 0 || buf[method_len] != b' ' {
         return Verdict::Is(Protocol::Opaque);
@@ -86,6 +90,18 @@ fn classify_http1(buf: &[u8]) -> Verdict {
     let is_http1 = line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0");
     Verdict::Is(if is_http1 { Protocol::Http1 } else { Protocol::Opaque })
 }
+
+/// What a connection's first bytes say: `None` until there are enough to
+/// tell. Once it says something, more bytes never change it.
+pub fn classify_prefix(first_bytes: &[u8]) -> Option<Protocol> {
+    match classify(first_bytes) {
+        Verdict::Is(p) => Some(p),
+        Verdict::NeedMore => None,
+    }
+}
+
+/// The most bytes detection ever looks at: a prefix this long is decided.
+pub const MAX_PREFIX: usize = PEEK;
 
 /// Peeks at `stream` until its protocol is known or `timeout` passes;
 /// `None` when the client sent nothing at all in that time.
@@ -214,6 +230,12 @@ mod tests {
         assert_eq!(classify(b"GET / SPDY/3\r\n"), Verdict::Is(Protocol::Opaque));
         assert_eq!(classify(b"\x00\x01\x02"), Verdict::Is(Protocol::Opaque));
         assert_eq!(classify(&[b'A'; 40]), Verdict::Is(Protocol::Opaque));
+        // A 17-letter "method" is opaque whether or not its space has arrived.
+        assert_eq!(classify(&[b'A'; 17]), Verdict::Is(Protocol::Opaque));
+        assert_eq!(
+            classify(b"AAAAAAAAAAAAAAAAA / HTTP/1.1\r\n"),
+            Verdict::Is(Protocol::Opaque)
+        );
     }
 
     /// A connected (client, proxy-side) pair on loopback.
