@@ -50,8 +50,14 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
         for key in annotations::OVERRIDES.iter().chain([&annotations::INJECT]) {
             let map = BTreeMap::from([((*key).to_owned(), text.to_owned())]);
-            let _ = Overrides::from_annotations(Layered { pod: Some(&map), namespace: None });
-            if let Err(e) = Overrides::from_annotations(Layered { pod: None, namespace: Some(("ns", &map)) }) {
+            let _ = Overrides::from_annotations(Layered {
+                pod: Some(&map),
+                namespace: None,
+            });
+            if let Err(e) = Overrides::from_annotations(Layered {
+                pod: None,
+                namespace: Some(("ns", &map)),
+            }) {
                 assert_eq!(e.annotation, *key);
                 let message = e.to_string();
                 assert!(message.contains(key));

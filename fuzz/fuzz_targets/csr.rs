@@ -13,7 +13,8 @@ fn issuer() -> &'static Issuer {
     static ISSUER: OnceLock<Issuer> = OnceLock::new();
     ISSUER.get_or_init(|| {
         let root = sidemesh_identity::ca::new_root("cluster.local", Duration::from_secs(86400)).expect("root");
-        let issuer = sidemesh_identity::ca::new_issuer(&root.cert, &root.key, Duration::from_secs(3600)).expect("issuer");
+        let issuer =
+            sidemesh_identity::ca::new_issuer(&root.cert, &root.key, Duration::from_secs(3600)).expect("issuer");
         let bundle = TrustBundle::from_pem(root.cert.as_bytes()).expect("bundle");
         Issuer::from_pem(issuer.cert.as_bytes(), issuer.key.as_bytes(), &bundle).expect("issuer")
     })

@@ -20,7 +20,10 @@ fuzz_target!(|data: &[u8]| {
     match rsp.result {
         Some(pb::discovery_response::Result::Service(svc)) => {
             let policy = ServicePolicy::compile(svc, Arc::new(Budget::new(0.2, 10, Duration::from_secs(10))));
-            let req = http::Request::get("/a/b?c=d").header("x-a", "b").body(()).expect("request");
+            let req = http::Request::get("/a/b?c=d")
+                .header("x-a", "b")
+                .body(())
+                .expect("request");
             if let Some(rule) = policy.select(&req) {
                 for b in &rule.backends {
                     let _ = policy.endpoints(&b.key);
