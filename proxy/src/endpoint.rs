@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 
+use opentelemetry::KeyValue;
 use sidemesh_identity_client::SpiffeId;
 use sidemesh_proto::destination::v1 as pb;
 
@@ -15,12 +16,29 @@ pub struct Endpoint {
     pub addr: Option<SocketAddr>,
     /// The SPIFFE ID a meshed endpoint must present; `None` when not meshed.
     pub identity: Option<SpiffeId>,
-    /// As received (for `/debug/state` and metric attributes).
+    /// The `destination_workload` metric attribute of requests to it: its
+    /// identity when meshed, `""` otherwise.
+    pub workload: KeyValue,
+    /// As received (for `/debug/state`).
     pub raw: pb::Endpoint,
 }
 
 impl From<pb::Endpoint> for Endpoint {
     fn from(raw: pb::Endpoint) -> Self {
+        let workload = crate::telemetry::workload("destination_workload", Self::workload_id(&raw));
+        Self::with_workload(raw, workload)
+    }
+}
+
+impl Endpoint {
+    /// The identity its `destination_workload` attribute carries.
+    pub fn workload_id(raw: &pb::Endpoint) -> &str {
+        if raw.meshed { &raw.identity } else { "" }
+    }
+
+    /// Parses `raw`, with its `destination_workload` attribute made by the
+    /// caller (a Service's endpoints share one per identity).
+    pub fn with_workload(raw: pb::Endpoint, workload: KeyValue) -> Self {
         let mut addr = match (raw.address.parse(), u16::try_from(raw.port)) {
             (Ok(ip), Ok(port)) => Some(SocketAddr::new(ip, port)),
             _ => {
@@ -39,11 +57,14 @@ impl From<pb::Endpoint> for Endpoint {
         if raw.meshed && identity.is_none() {
             addr = None;
         }
-        Self { addr, identity, raw }
+        Self {
+            addr,
+            identity,
+            workload,
+            raw,
+        }
     }
-}
 
-impl Endpoint {
     /// Whether it may take traffic (see the `ready` field of the wire format).
     pub fn ready(&self) -> bool {
         self.raw.ready

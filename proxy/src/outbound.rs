@@ -22,9 +22,9 @@ use crate::detect::{self, Detected, Protocol};
 use crate::discovery::Resolution;
 use crate::endpoint::Endpoint;
 use crate::http::{self as h, Body};
-use crate::policy::{BackendEndpoints, Rule, ServicePolicy, split};
+use crate::policy::{Rule, ServicePolicy, split};
 use crate::retry::MAX_RETRY_BODY;
-use crate::telemetry::{self, Counted, Direction, Outcome, RouteLabels, TimeoutKind, method_name};
+use crate::telemetry::{Counted, Direction, Outcome, RouteLabels, TimeoutKind, method_name};
 use crate::tls::ALPN_HTTP1;
 
 /// The application's side of a connection, its bytes counted.
@@ -358,7 +358,7 @@ async fn route(
         Resolution::Service(policy) => return call_service(proxy, orig, policy, req, outcome).await,
         Resolution::Pod(ep) => {
             if proxy.telemetry.enabled() && ep.raw.meshed {
-                outcome.workload = Some(telemetry::workload("destination_workload", &ep.raw.identity));
+                outcome.workload = Some(ep.workload.clone());
             }
             match pod_target(ep, orig, proxy.pool.is_some()) {
                 Some(target) => target,
@@ -440,14 +440,15 @@ async fn call_service(
             "sidemesh: the route's backend does not resolve\n",
         );
     }
-    let Some(backend) = policy.backend(key).filter(|b| !b.endpoints.is_empty()) else {
+    let endpoints = policy.endpoints(key);
+    if endpoints.is_empty() {
         return h::respond(
             StatusCode::SERVICE_UNAVAILABLE,
             "sidemesh: the backend has no endpoint\n",
         );
-    };
+    }
     policy.budget.deposit();
-    let attempts = attempts(proxy, orig, policy, rule, backend, req, outcome);
+    let attempts = attempts(proxy, orig, policy, rule, endpoints, req, outcome);
     match rule.and_then(|r| r.request_timeout) {
         Some(limit) => match tokio::time::timeout(limit, attempts).await {
             Ok(rsp) => rsp,
@@ -465,11 +466,10 @@ async fn attempts(
     orig: SocketAddr,
     policy: &ServicePolicy,
     rule: Option<&Rule>,
-    backend: &BackendEndpoints,
+    endpoints: &[Endpoint],
     req: Request<Incoming>,
     outcome: &mut Outcome,
 ) -> Response<Body> {
-    let endpoints = backend.endpoints.as_slice();
     // The route's labels travel with every attempt to the server proxy (when anything is recorded).
     let route_header: Option<HeaderValue> = proxy
         .telemetry
@@ -510,7 +510,7 @@ async fn attempts(
             );
         };
         tried.push(pick.addr);
-        outcome.workload = backend.workloads.get(pick.index).cloned();
+        outcome.workload = Some(endpoints[pick.index].workload.clone());
         let Some(target) = endpoint_target(proxy, &endpoints[pick.index]) else {
             proxy.balancer.done(pick, false);
             return h::respond(StatusCode::BAD_GATEWAY, "sidemesh: endpoint address unusable\n");

@@ -206,15 +206,6 @@ fn duration(d: &Option<prost_types::Duration>) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
 }
 
-/// A backend's endpoints and the `destination_workload` attribute of each.
-#[derive(Debug, Default)]
-pub struct BackendEndpoints {
-    /// Parsed from what was received.
-    pub endpoints: Vec<Endpoint>,
-    /// Aligned with `endpoints`: the identity of a meshed endpoint, `""` otherwise.
-    pub workloads: Vec<KeyValue>,
-}
-
 /// A Service with its compiled routes.
 #[derive(Debug)]
 pub struct ServicePolicy {
@@ -223,7 +214,7 @@ pub struct ServicePolicy {
     /// Compiled rules, in the destination service's tie-break order.
     pub rules: Vec<Rule>,
     /// Endpoints by backend key, the Service's own under [`ServicePolicy::default_key`].
-    pub backends: HashMap<String, BackendEndpoints>,
+    pub backends: HashMap<String, Vec<Endpoint>>,
     /// The key of the Service's own endpoints.
     pub default_key: String,
     /// Metric attributes of requests to the Service without a route.
@@ -247,26 +238,25 @@ impl ServicePolicy {
         let service_name = format!("{}/{}", service.namespace, service.name);
         // One attribute per distinct identity, shared by its endpoints.
         let mut identities: HashMap<String, KeyValue> = HashMap::new();
-        let mut with_workloads = |endpoints: &[pb::Endpoint]| BackendEndpoints {
-            endpoints: endpoints.iter().cloned().map(Endpoint::from).collect(),
-            workloads: endpoints
+        let mut parse = |endpoints: &[pb::Endpoint]| -> Vec<Endpoint> {
+            endpoints
                 .iter()
                 .map(|e| {
-                    let id = if e.meshed { e.identity.as_str() } else { "" };
-                    identities
-                        .entry(id.to_owned())
-                        .or_insert_with(|| telemetry::workload("destination_workload", id))
-                        .clone()
+                    let workload = identities
+                        .entry(Endpoint::workload_id(e).to_owned())
+                        .or_insert_with_key(|id| telemetry::workload("destination_workload", id))
+                        .clone();
+                    Endpoint::with_workload(e.clone(), workload)
                 })
-                .collect(),
+                .collect()
         };
-        let mut backends: HashMap<String, BackendEndpoints> = HashMap::new();
+        let mut backends: HashMap<String, Vec<Endpoint>> = HashMap::new();
         if let Some(b) = &service.default_backend {
-            backends.insert(default_key.clone(), with_workloads(&b.endpoints));
+            backends.insert(default_key.clone(), parse(&b.endpoints));
         }
         let mut unresolved = std::collections::HashSet::new();
         for b in &service.backends {
-            backends.insert(b.key.clone(), with_workloads(&b.endpoints));
+            backends.insert(b.key.clone(), parse(&b.endpoints));
             if b.unresolved {
                 unresolved.insert(b.key.clone());
             }
@@ -342,12 +332,7 @@ impl ServicePolicy {
 
     /// Endpoints of a backend (empty for an unknown one).
     pub fn endpoints(&self, key: &str) -> &[Endpoint] {
-        self.backends.get(key).map(|b| b.endpoints.as_slice()).unwrap_or(&[])
-    }
-
-    /// A backend's endpoints with their workload attributes.
-    pub fn backend(&self, key: &str) -> Option<&BackendEndpoints> {
-        self.backends.get(key)
+        self.backends.get(key).map(Vec::as_slice).unwrap_or(&[])
     }
 }
 
@@ -495,5 +480,42 @@ mod tests {
         assert_eq!(h, "ns/svc shop/canary ns/canary:80");
         assert_eq!(p.default_labels.header().expect("header"), "ns/svc - ns/svc:80");
         assert_eq!(p.service_labels.header().expect("header"), "ns/svc - -");
+    }
+
+    #[test]
+    fn each_endpoint_carries_its_workload_attribute_shared_per_identity() {
+        let id = "spiffe://cluster.local/ns/shop/sa/web";
+        let ep = |address: &str, meshed: bool| pb::Endpoint {
+            address: address.into(),
+            port: 8080,
+            identity: id.into(),
+            meshed,
+            ready: true,
+            ..Default::default()
+        };
+        let p = ServicePolicy::compile(
+            pb::Service {
+                name: "web".into(),
+                namespace: "shop".into(),
+                port: 80,
+                default_backend: Some(pb::Backend {
+                    key: "shop/web:80".into(),
+                    endpoints: vec![ep("10.0.0.1", true), ep("10.0.0.2", true), ep("10.0.0.3", false)],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            Arc::new(Budget::new(0.2, 10, Duration::from_secs(10))),
+        );
+        let eps = p.endpoints("shop/web:80");
+        let values: Vec<String> = eps.iter().map(|e| e.workload.value.to_string()).collect();
+        assert_eq!(values, [id, id, ""], "an unmeshed endpoint's identity is not claimed");
+        assert_eq!(eps[0].workload.key.as_str(), "destination_workload");
+        let (opentelemetry::Value::String(a), opentelemetry::Value::String(b)) =
+            (&eps[0].workload.value, &eps[1].workload.value)
+        else {
+            panic!("string attributes");
+        };
+        assert!(std::ptr::eq(a.as_str(), b.as_str()), "one allocation per identity");
     }
 }
