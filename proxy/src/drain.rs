@@ -78,7 +78,7 @@ impl Drain {
     pub async fn serve<C, E>(&self, conn: C, shutdown: impl FnOnce(Pin<&mut C>)) -> anyhow::Result<()>
     where
         C: Future<Output = Result<(), E>>,
-        E: std::fmt::Display,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let mut conn = std::pin::pin!(conn);
         let done = tokio::select! {
@@ -88,7 +88,8 @@ impl Drain {
                 conn.await
             }
         };
-        done.map_err(|e| anyhow::anyhow!("{e}"))
+        // Boxed, not formatted: the log line keeps the error's causes.
+        done.map_err(|e| anyhow::Error::from_boxed(e.into()))
     }
 
     /// Connections in flight.
