@@ -86,7 +86,7 @@ fn netns_unavailable() -> Option<String> {
     if uid != Some(0) {
         return Some("not running as root".into());
     }
-    for tool in ["ip", "iptables", "setpriv"] {
+    for tool in ["ip", "iptables", "nsenter", "setpriv"] {
         let found = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
             .unwrap_or(false);
@@ -122,11 +122,7 @@ impl Demo {
     ) -> anyhow::Result<()> {
         let log = std::fs::File::create(self.log(name))?;
         let mut cmd = match &self.net {
-            Some(net) => {
-                let mut cmd = Command::new("ip");
-                cmd.args(["netns", "exec", &net.ns(pod)]);
-                cmd
-            }
+            Some(net) => net.enter(pod),
             None => Command::new(&self.exe),
         };
         if let (Some(uid), Some(_)) = (uid, &self.net) {
@@ -157,8 +153,8 @@ impl Demo {
     fn in_pod(&self, pod: &str) -> Command {
         match &self.net {
             Some(net) => {
-                let mut cmd = Command::new("ip");
-                cmd.args(["netns", "exec", &net.ns(pod)]).arg(&self.exe);
+                let mut cmd = net.enter(pod);
+                cmd.arg(&self.exe);
                 cmd
             }
             None => Command::new(&self.exe),
@@ -196,7 +192,7 @@ impl Demo {
     fn stop(&mut self) -> usize {
         let n = self.children.len();
         for (_, child) in &mut self.children {
-            // `ip netns exec` and `setpriv` exec in place, so the child is the
+            // `nsenter` and `setpriv` exec in place, so the child is the
             // component itself: SIGTERM it by its own (positive) PID, never a
             // process group — `kill -TERM -N` is read differently by
             // different kill(1)s, and one reading signals every process.

@@ -77,6 +77,17 @@ impl Net {
         format!("{PREFIX}{pod}")
     }
 
+    /// A command that runs in Pod `pod`'s network namespace (the program
+    /// and its arguments follow). `nsenter --net`, not `ip netns exec`:
+    /// that also gives every process its own mount namespace with /sys
+    /// remounted, which nothing here needs and which makes every later
+    /// `ip netns add`/`del` propagate into each copy.
+    pub fn enter(&self, pod: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.ns(pod))).arg("--");
+        cmd
+    }
+
     /// How many namespaces exist.
     pub fn len(&self) -> usize {
         self.namespaces.len()
