@@ -76,20 +76,33 @@ pub struct Balancer {
     stats: Mutex<HashMap<SocketAddr, Stats>>,
 }
 
-/// An endpoint chosen for one attempt; report the outcome with [`Balancer::done`].
+/// An endpoint chosen for one attempt; report the outcome with
+/// [`Balancer::done`]. One dropped without an outcome (its request timed out
+/// as a whole, or its client went away) still releases its endpoint: a
+/// count in flight left behind would weigh on that endpoint for ever.
 #[derive(Debug)]
-pub struct Pick {
+pub struct Pick<'a> {
     /// The endpoint.
     pub addr: SocketAddr,
     /// Its index in the candidate list.
     pub index: usize,
     started: Instant,
+    /// Whom to tell if no outcome is reported; `None` once it is.
+    balancer: Option<&'a Balancer>,
+}
+
+impl Drop for Pick<'_> {
+    fn drop(&mut self) {
+        if let Some(b) = self.balancer.take() {
+            b.abandoned(self.addr, self.started);
+        }
+    }
 }
 
 impl Balancer {
     /// Picks one of `endpoints` (ready ones; all when none is ready), avoiding
     /// `avoid` (endpoints already tried for this request) when possible.
-    pub fn pick(&self, endpoints: &[Endpoint], avoid: &[SocketAddr]) -> Option<Pick> {
+    pub fn pick(&self, endpoints: &[Endpoint], avoid: &[SocketAddr]) -> Option<Pick<'_>> {
         let ready: Vec<(usize, SocketAddr)> = endpoints
             .iter()
             .enumerate()
@@ -139,12 +152,29 @@ impl Balancer {
             addr,
             index,
             started: now,
+            balancer: Some(self),
         })
+    }
+
+    /// An attempt ended without an outcome: no longer in flight, and the
+    /// time it ran is a lower bound on its latency (never an improvement).
+    fn abandoned(&self, addr: SocketAddr, started: Instant) {
+        let now = Instant::now();
+        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = stats.get_mut(&addr) {
+            s.pending = s.pending.saturating_sub(1);
+            let at_least = now.saturating_duration_since(started).as_nanos() as f64;
+            if at_least > s.ewma_ns {
+                s.ewma_ns = at_least;
+                s.updated = now;
+            }
+        }
     }
 
     /// Records an attempt's outcome: latency and success or failure. True
     /// when this failure ejected the endpoint (for the ejection counter).
-    pub fn done(&self, pick: Pick, success: bool) -> bool {
+    pub fn done(&self, mut pick: Pick<'_>, success: bool) -> bool {
+        pick.balancer = None;
         let now = Instant::now();
         let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         let s = stats.entry(pick.addr).or_insert_with(|| Stats::new(now));
@@ -224,6 +254,7 @@ mod tests {
                 addr: "10.0.0.1:2".parse().expect("addr"),
                 index: 1,
                 started: Instant::now(),
+                balancer: None,
             };
             b.done(p, false);
         }
@@ -247,5 +278,60 @@ mod tests {
             b.done(p, true);
             ok
         }));
+    }
+
+    /// Share of 1000 picks (each reported at once) that go to port `port`.
+    fn share(b: &Balancer, eps: &[Endpoint], port: u16) -> usize {
+        (0..1000)
+            .filter(|_| {
+                let p = b.pick(eps, &[]).expect("pick");
+                let hit = p.addr.port() == port;
+                b.done(p, true);
+                hit
+            })
+            .count()
+    }
+
+    #[test]
+    fn abandoned_attempts_release_their_endpoint() {
+        let b = Balancer::default();
+        let eps = vec![ep(1), ep(2)];
+        let in_flight = |b: &Balancer| {
+            b.stats
+                .lock()
+                .map(|s| s.values().map(|s| s.pending).sum::<u32>())
+                .unwrap_or(u32::MAX)
+        };
+        let picks: Vec<Pick<'_>> = (0..50).map(|_| b.pick(&eps, &[]).expect("pick")).collect();
+        assert_eq!(in_flight(&b), 50);
+        // Dropped without an outcome, as a request timeout or a departed
+        // client drops them: nothing stays counted against the endpoints.
+        drop(picks);
+        assert_eq!(in_flight(&b), 0);
+        // Both on one endpoint, so a double release would show.
+        let held = b.pick(&eps[..1], &[]).expect("pick");
+        let p = b.pick(&eps[..1], &[]).expect("pick");
+        b.done(p, true);
+        assert_eq!(in_flight(&b), 1, "a reported pick is released once, not twice");
+        drop(held);
+        assert_eq!(in_flight(&b), 0);
+    }
+
+    #[test]
+    fn an_attempt_abandoned_late_counts_as_slow_never_as_fast() {
+        let b = Balancer::default();
+        let eps = vec![ep(1), ep(2)];
+        loop {
+            let mut p = b.pick(&eps, &[]).expect("pick");
+            if p.addr.port() == 1 {
+                // Ran 50 ms (50x the others) before its request timed out.
+                p.started -= Duration::from_millis(50);
+                drop(p);
+                break;
+            }
+            b.done(p, true);
+        }
+        let to_1 = share(&b, &eps, 1);
+        assert!(to_1 < 100, "endpoint 1 still got {to_1}/1000");
     }
 }
