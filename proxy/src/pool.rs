@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -147,11 +148,26 @@ impl Slot {
     }
 }
 
+/// Slots kept before the first sweep of dead ones.
+const SWEEP_FROM: usize = 64;
+
+/// Forgets slots with no live connection that nobody is connecting or
+/// waiting on. Without this the pool would keep a slot for every peer
+/// endpoint it ever met, and Pods come and go with new addresses.
+fn sweep(slots: &mut HashMap<SocketAddr, Slot>) {
+    slots.retain(|_, slot| {
+        Arc::strong_count(&slot.connecting) > 1 || slot.sender.as_ref().is_some_and(|s| !s.is_closed())
+    });
+}
+
 /// Pooled HTTP/2-over-mTLS connections to peer proxies, one per endpoint.
 #[derive(Debug)]
 pub struct MeshPool {
     tls: Arc<MeshTls>,
     slots: Mutex<HashMap<SocketAddr, Slot>>,
+    /// Sweep when a new slot would make this many: twice what the last sweep
+    /// left, so sweeping costs O(1) per new slot.
+    sweep_at: AtomicUsize,
     telemetry: Arc<ProxyTelemetry>,
 }
 
@@ -161,6 +177,7 @@ impl MeshPool {
         Self {
             tls,
             slots: Mutex::default(),
+            sweep_at: AtomicUsize::new(SWEEP_FROM),
             telemetry,
         }
     }
@@ -188,6 +205,10 @@ impl MeshPool {
     async fn connect(&self, addr: SocketAddr, peer: &SpiffeId) -> Result<http2::SendRequest<Body>, ConnectError> {
         let gate = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            if !slots.contains_key(&addr) && slots.len() + 1 >= self.sweep_at.load(Relaxed) {
+                sweep(&mut slots);
+                self.sweep_at.store((2 * slots.len()).max(SWEEP_FROM), Relaxed);
+            }
             let slot = slots.entry(addr).or_insert_with(|| Slot {
                 peer: peer.clone(),
                 sender: None,
@@ -225,7 +246,8 @@ impl MeshPool {
         Ok(sender)
     }
 
-    /// Peer endpoints the pool holds a slot for (one per endpoint ever used).
+    /// Peer endpoints the pool holds a slot for (live ones, and dead ones
+    /// not yet swept).
     pub fn len(&self) -> usize {
         self.slots.lock().map(|s| s.len()).unwrap_or(0)
     }
@@ -233,5 +255,30 @@ impl MeshPool {
     /// Whether the pool holds no slot.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dead_slot() -> Slot {
+        Slot {
+            peer: SpiffeId::new("cluster.local", "shop", "web").expect("id"),
+            sender: None,
+            connecting: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn sweeping_forgets_dead_slots_but_not_one_being_connected() {
+        let mut slots: HashMap<SocketAddr, Slot> = (1..=100u16)
+            .map(|port| (SocketAddr::from(([10, 0, 0, 1], port)), dead_slot()))
+            .collect();
+        let busy: SocketAddr = "10.0.0.1:7".parse().expect("addr");
+        // Someone is connecting to this one (holds the gate's Arc).
+        let _gate = slots[&busy].connecting.clone();
+        sweep(&mut slots);
+        assert_eq!(slots.keys().copied().collect::<Vec<_>>(), vec![busy]);
     }
 }
