@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use crate::endpoint::Endpoint;
@@ -70,10 +71,33 @@ impl Stats {
     }
 }
 
+/// An endpoint unmeasured this long has decayed to nothing and is forgotten.
+const FORGET: Duration = Duration::from_secs(10 * DECAY.as_secs());
+/// Endpoints tracked before the first sweep of forgotten ones.
+const SWEEP_FROM: usize = 64;
+
 /// Per-endpoint statistics, shared by every request of the proxy.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Balancer {
     stats: Mutex<HashMap<SocketAddr, Stats>>,
+    /// Sweep when a new endpoint would make this many: twice what the last
+    /// sweep left, so Pods that come and go do not grow the map for ever.
+    sweep_at: AtomicUsize,
+}
+
+impl Default for Balancer {
+    fn default() -> Self {
+        Self {
+            stats: Mutex::default(),
+            sweep_at: AtomicUsize::new(SWEEP_FROM),
+        }
+    }
+}
+
+/// Whether an endpoint's statistics still say anything: in flight,
+/// ejected, or measured within [`FORGET`].
+fn worth_keeping(s: &Stats, now: Instant) -> bool {
+    s.pending > 0 || s.ejected(now) || now.saturating_duration_since(s.updated) < FORGET
 }
 
 /// An endpoint chosen for one attempt; report the outcome with
@@ -147,6 +171,12 @@ impl Balancer {
                 candidates[b]
             }
         };
+        if !stats.contains_key(&addr) {
+            if stats.len() + 1 >= self.sweep_at.load(Relaxed) {
+                stats.retain(|_, s| worth_keeping(s, now));
+                self.sweep_at.store((2 * stats.len()).max(SWEEP_FROM), Relaxed);
+            }
+        }
         stats.entry(addr).or_insert_with(|| Stats::new(now)).pending += 1;
         Some(Pick {
             addr,
@@ -321,17 +351,63 @@ mod tests {
     fn an_attempt_abandoned_late_counts_as_slow_never_as_fast() {
         let b = Balancer::default();
         let eps = vec![ep(1), ep(2)];
-        loop {
-            let mut p = b.pick(&eps, &[]).expect("pick");
-            if p.addr.port() == 1 {
-                // Ran 50 ms (50x the others) before its request timed out.
-                p.started -= Duration::from_millis(50);
-                drop(p);
-                break;
-            }
-            b.done(p, true);
-        }
+        let mut p = b.pick(&eps[..1], &[]).expect("pick");
+        // Ran 50 ms (50x the default estimate) before its request timed out.
+        p.started -= Duration::from_millis(50);
+        drop(p);
         let to_1 = share(&b, &eps, 1);
         assert!(to_1 < 100, "endpoint 1 still got {to_1}/1000");
+    }
+
+    #[test]
+    fn endpoints_long_unmeasured_are_forgotten_others_kept() {
+        let now = Instant::now();
+        let mut idle = Stats::new(now);
+        idle.updated = now.checked_sub(FORGET + Duration::from_secs(1)).unwrap_or(now);
+        if now.saturating_duration_since(idle.updated) < FORGET {
+            return; // the clock is too young to go back that far
+        }
+        assert!(!worth_keeping(&idle, now));
+        let mut busy = Stats::new(idle.updated);
+        busy.pending = 1;
+        assert!(worth_keeping(&busy, now), "in flight");
+        let mut ejected = Stats::new(idle.updated);
+        ejected.ejected_until = Some(now + Duration::from_secs(5));
+        assert!(worth_keeping(&ejected, now), "ejected");
+        assert!(worth_keeping(&Stats::new(now), now), "recent");
+        // Sweeps happen as new endpoints arrive, and keep the live ones.
+        let b = Balancer::default();
+        let many: Vec<Endpoint> = (1..=200).map(ep).collect();
+        for e in many.chunks(1) {
+            let p = b.pick(e, &[]).expect("pick");
+            b.done(p, true);
+        }
+        assert_eq!(
+            b.stats.lock().map(|s| s.len()).unwrap_or(0),
+            200,
+            "all recent: none forgotten"
+        );
+        // Those 200 go quiet for good (their Pods are gone); new ones arrive.
+        if let Ok(mut stats) = b.stats.lock() {
+            for s in stats.values_mut() {
+                s.updated = idle.updated;
+            }
+        }
+        let newer: Vec<Endpoint> = (201..=300).map(ep).collect();
+        for e in newer.chunks(1) {
+            let p = b.pick(e, &[]).expect("pick");
+            b.done(p, true);
+        }
+        let quiet_left = b
+            .stats
+            .lock()
+            .map(|s| s.keys().filter(|a| a.port() <= 200).count())
+            .unwrap_or(usize::MAX);
+        assert_eq!(quiet_left, 0, "the quiet endpoints were not forgotten");
+        assert_eq!(
+            b.stats.lock().map(|s| s.len()).unwrap_or(0),
+            100,
+            "the new ones are all kept"
+        );
     }
 }
