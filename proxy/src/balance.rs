@@ -171,11 +171,9 @@ impl Balancer {
                 candidates[b]
             }
         };
-        if !stats.contains_key(&addr) {
-            if stats.len() + 1 >= self.sweep_at.load(Relaxed) {
-                stats.retain(|_, s| worth_keeping(s, now));
-                self.sweep_at.store((2 * stats.len()).max(SWEEP_FROM), Relaxed);
-            }
+        if !stats.contains_key(&addr) && stats.len() + 1 >= self.sweep_at.load(Relaxed) {
+            stats.retain(|_, s| worth_keeping(s, now));
+            self.sweep_at.store((2 * stats.len()).max(SWEEP_FROM), Relaxed);
         }
         stats.entry(addr).or_insert_with(|| Stats::new(now)).pending += 1;
         Some(Pick {
