@@ -19,7 +19,7 @@ use crate::Proxy;
 use crate::config::InboundPolicy;
 use crate::detect::{self, Detected, Protocol};
 use crate::http::{self as h, Body};
-use crate::telemetry::{self, Counted, Direction, InboundConn, RouteLabels, method_name};
+use crate::telemetry::{self, Counted, Direction, Finish, InboundConn, RouteLabels, method_name};
 use crate::tls::{ALPN_HTTP, ALPN_HTTP1, ALPN_TCP};
 
 /// The peer's side of a connection, its bytes counted.
@@ -124,6 +124,11 @@ async fn serve_plain_http(proxy: &Arc<Proxy>, stream: Downstream, app: SocketAdd
             req.headers_mut().remove(h::CLIENT_ID);
             req.headers_mut().remove(h::ROUTE_LABELS);
             let span = proxy.telemetry.server_span(req.headers_mut(), method);
+            let none = RouteLabels::none();
+            let telemetry = &proxy.telemetry;
+            let finish = Finish::new((), move |_: &(), status| {
+                telemetry.server_done(started, method, status, None, &none, span);
+            });
             let rsp = match h::to_plain(&mut req, &app.to_string()) {
                 Ok(()) if crate::upgrade::requested(req.version(), req.headers()) => {
                     Box::pin(upgrade_to_app(&proxy, app, req)).await
@@ -137,10 +142,7 @@ async fn serve_plain_http(proxy: &Arc<Proxy>, stream: Downstream, app: SocketAdd
                 },
                 Err(_) => h::respond(StatusCode::BAD_REQUEST, "sidemesh: malformed request\n"),
             };
-            let none = RouteLabels::none();
-            proxy
-                .telemetry
-                .server_done(started, method, rsp.status(), None, &none, span);
+            finish.done(rsp.status());
             Ok::<_, std::convert::Infallible>(rsp)
         }
     });
@@ -241,10 +243,13 @@ async fn to_app(
         _ => RouteLabels::none(),
     };
     let span = proxy.telemetry.server_span(req.headers_mut(), method);
+    let finish = Finish::new((), |_: &(), status| {
+        proxy
+            .telemetry
+            .server_done(started, method, status, conn.source.as_ref(), &labels, span);
+    });
     let rsp = deliver(proxy, app, client_id, req).await;
-    proxy
-        .telemetry
-        .server_done(started, method, rsp.status(), conn.source.as_ref(), &labels, span);
+    finish.done(rsp.status());
     rsp
 }
 

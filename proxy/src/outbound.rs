@@ -24,7 +24,7 @@ use crate::endpoint::Endpoint;
 use crate::http::{self as h, Body};
 use crate::policy::{Rule, ServicePolicy, split};
 use crate::retry::MAX_RETRY_BODY;
-use crate::telemetry::{Counted, Direction, Outcome, RouteLabels, TimeoutKind, method_name};
+use crate::telemetry::{Counted, Direction, Finish, Outcome, RouteLabels, TimeoutKind, method_name};
 use crate::tls::ALPN_HTTP1;
 
 /// The application's side of a connection, its bytes counted.
@@ -214,10 +214,14 @@ async fn serve_http(proxy: Arc<Proxy>, stream: Downstream, orig: Option<SocketAd
                 },
             };
             let started = Instant::now();
-            let mut outcome = Outcome::new(method_name(req.method()));
-            let span = proxy.telemetry.client_span(req.headers_mut(), outcome.method);
-            let rsp = route(&proxy, orig, &current, req, &mut outcome).await;
-            proxy.telemetry.client_done(started, rsp.status(), &outcome, span);
+            let method = method_name(req.method());
+            let span = proxy.telemetry.client_span(req.headers_mut(), method);
+            let telemetry = &proxy.telemetry;
+            let mut finish = Finish::new(Outcome::new(method), move |outcome: &Outcome, status| {
+                telemetry.client_done(started, status, outcome, span);
+            });
+            let rsp = route(&proxy, orig, &current, req, finish.value_mut()).await;
+            finish.done(rsp.status());
             Ok::<_, std::convert::Infallible>(rsp)
         }
     });

@@ -260,6 +260,53 @@ impl Outcome {
     }
 }
 
+/// The status a request is recorded with when its client went away before
+/// the answer: 499, nginx's "client closed request". Istio records 0; a real
+/// status keeps it in the same series, and it is not a 5xx (the server did
+/// not fail, the client stopped waiting).
+pub fn client_closed() -> StatusCode {
+    StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
+}
+
+/// Records a request when it ends: with its answer's status by
+/// [`Finish::done`], or with [`client_closed`] if it is dropped unanswered
+/// (hyper drops a request's future when its client goes away, and a request
+/// nobody records would vanish from every success rate).
+pub struct Finish<T, F: FnOnce(&T, StatusCode)> {
+    value: T,
+    record: Option<F>,
+}
+
+impl<T, F: FnOnce(&T, StatusCode)> Finish<T, F> {
+    /// `record` gets `value` (what the request learned) and the status.
+    pub fn new(value: T, record: F) -> Self {
+        Self {
+            value,
+            record: Some(record),
+        }
+    }
+
+    /// What the request learns on its way.
+    pub fn value_mut(&mut self) -> &mut T {
+        &mut self.value
+    }
+
+    /// The request was answered `status`.
+    pub fn done(mut self, status: StatusCode) {
+        if let Some(record) = self.record.take() {
+            record(&self.value, status);
+        }
+    }
+}
+
+impl<T, F: FnOnce(&T, StatusCode)> Drop for Finish<T, F> {
+    fn drop(&mut self) {
+        if let Some(record) = self.record.take() {
+            record(&self.value, client_closed());
+        }
+    }
+}
+
 /// Connections opened and closed and bytes, per direction, as atomics.
 #[derive(Debug, Default)]
 pub struct TcpCounters {

@@ -414,6 +414,42 @@ fn http_clients_that_connect_ahead_of_their_first_request_are_still_proxied_as_h
 }
 
 #[test]
+fn a_request_whose_client_gives_up_is_recorded_as_499_by_both_proxies() {
+    if netns::skip_unless_capable("a_request_whose_client_gives_up_is_recorded_as_499_by_both_proxies") {
+        return;
+    }
+    let shop = shop("mesh-gaveup", ProxyOptions::default());
+    let vip = service_ip(10);
+    let out = shop.client.run(
+        "curl",
+        &["-sS", "--max-time", "0.5", &format!("http://{vip}/slow?sleep_ms=3000")],
+        T,
+    );
+    assert!(!out.success(), "curl was to give up: {}", out.stdout);
+    let closed = |w: &Workload, name: &str| {
+        let m = w.run("curl", &["-sf", "http://127.0.0.1:15020/metrics"], T).stdout;
+        metric_value(&m, name, &["http_response_status_code=\"499\""])
+    };
+    // The server proxy learns of it when the client proxy resets the stream.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let counts = loop {
+        let counts = (
+            closed(&shop.client, "http_client_request_duration_seconds_count"),
+            closed(&shop.server, "http_server_request_duration_seconds_count"),
+        );
+        if counts == (1.0, 1.0) || Instant::now() > deadline {
+            break counts;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        counts,
+        (1.0, 1.0),
+        "(client proxy, server proxy) requests recorded as 499"
+    );
+}
+
+#[test]
 fn server_first_protocols_answer_without_waiting_for_the_client() {
     if netns::skip_unless_capable("server_first_protocols_answer_without_waiting_for_the_client") {
         return;
