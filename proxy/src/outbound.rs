@@ -95,10 +95,8 @@ pub async fn handle(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr) -> a
     // Unknown destinations and opaque ports are never inspected: no waiting
     // for a client that expects the server to speak first.
     if is_opaque(proxy, orig, &resolution) {
-        let mut stream = proxy.telemetry.counted(stream, Direction::Outbound);
-        let mut upstream = connect_opaque(proxy, orig, &resolution).await?;
-        crate::relay::relay(&mut stream, &mut upstream).await?;
-        return Ok(());
+        let stream = proxy.telemetry.counted(stream, Direction::Outbound);
+        return forward_tcp(proxy, stream, orig, &resolution).await;
     }
     let detected = detect::detect_or_connect(&stream, proxy.detect_timeout, || {
         connect_opaque(proxy, orig, &resolution)
@@ -117,15 +115,23 @@ pub async fn handle(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr) -> a
     };
     proxy.telemetry.detected(Direction::Outbound, protocol);
     tracing::debug!(%peer, %orig, ?protocol, "outbound");
-    let mut stream = proxy.telemetry.counted(stream, Direction::Outbound);
+    let stream = proxy.telemetry.counted(stream, Direction::Outbound);
     match protocol {
         Protocol::Http1 | Protocol::Http2 => serve_http(proxy.clone(), stream, Some(orig)).await,
-        Protocol::Opaque | Protocol::Tls => {
-            let mut upstream = connect_opaque(proxy, orig, &resolution).await?;
-            crate::relay::relay(&mut stream, &mut upstream).await?;
-            Ok(())
-        }
+        Protocol::Opaque | Protocol::Tls => forward_tcp(proxy, stream, orig, &resolution).await,
     }
+}
+
+/// Relays a whole connection as TCP to where discovery sends `orig`.
+async fn forward_tcp(
+    proxy: &Proxy,
+    mut stream: Downstream,
+    orig: SocketAddr,
+    resolution: &Resolution,
+) -> anyhow::Result<()> {
+    let mut upstream = connect_opaque(proxy, orig, resolution).await?;
+    crate::relay::relay(&mut stream, &mut upstream).await?;
+    Ok(())
 }
 
 /// The upstream of an opaque connection: plain TCP, or a mesh mTLS stream.
