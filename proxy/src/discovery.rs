@@ -198,12 +198,32 @@ fn apply(inner: &Inner, rsp: DiscoveryResponse) {
         tracing::debug!(target = %rsp.target, "discovery answer for an unparseable target ignored");
         return;
     };
+    // Cloned out (an Arc) so that compiling does not hold the targets' lock.
+    let Some(previous) = inner
+        .targets
+        .lock()
+        .ok()
+        .and_then(|t| Some(t.get(&target)?.tx.borrow().clone()))
+    else {
+        return; // no longer followed
+    };
     let resolution = match rsp.result {
         Some(discovery_response::Result::Service(s)) => {
             let budget = budget_for(inner, &s);
-            Resolution::Service(Arc::new(ServicePolicy::compile(s, budget)))
+            let policy = ServicePolicy::compile(s, budget);
+            policy.warn_new_problems(match &previous {
+                Some(Resolution::Service(p)) => Some(p),
+                _ => None,
+            });
+            Resolution::Service(Arc::new(policy))
         }
-        Some(discovery_response::Result::Pod(p)) => Resolution::Pod(Arc::new(p.into())),
+        Some(discovery_response::Result::Pod(p)) => {
+            let pod = Endpoint::from(p);
+            if !matches!(&previous, Some(Resolution::Pod(old)) if old.raw == pod.raw) {
+                pod.warn_if_unusable();
+            }
+            Resolution::Pod(Arc::new(pod))
+        }
         Some(discovery_response::Result::Unknown(_)) | None => Resolution::Unknown,
     };
     if let Ok(targets) = inner.targets.lock()

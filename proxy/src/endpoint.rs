@@ -41,19 +41,9 @@ impl Endpoint {
     pub fn with_workload(raw: pb::Endpoint, workload: KeyValue) -> Self {
         let mut addr = match (raw.address.parse(), u16::try_from(raw.port)) {
             (Ok(ip), Ok(port)) => Some(SocketAddr::new(ip, port)),
-            _ => {
-                tracing::warn!(address = %raw.address, port = raw.port, "discovery sent an unusable endpoint address");
-                None
-            }
+            _ => None,
         };
-        let identity = if raw.meshed {
-            raw.identity
-                .parse()
-                .inspect_err(|e| tracing::warn!(identity = %raw.identity, error = %e, "discovery sent an unparseable endpoint identity"))
-                .ok()
-        } else {
-            None
-        };
+        let identity = if raw.meshed { raw.identity.parse().ok() } else { None };
         if raw.meshed && identity.is_none() {
             addr = None;
         }
@@ -62,6 +52,23 @@ impl Endpoint {
             identity,
             workload,
             raw,
+        }
+    }
+
+    /// Logs why it can take no traffic, if it cannot. Parsing is silent because
+    /// discovery resends a Service's every endpoint on each change to any of
+    /// them: the caller logs only what the previous update did not have.
+    pub fn warn_if_unusable(&self) {
+        if self.addr.is_some() {
+            return;
+        }
+        let raw = &self.raw;
+        match raw.identity.parse::<SpiffeId>() {
+            Err(e) if raw.meshed => tracing::warn!(
+                identity = %raw.identity, address = %raw.address, error = %e,
+                "discovery sent a meshed endpoint whose identity does not parse; it takes no traffic"
+            ),
+            _ => tracing::warn!(address = %raw.address, port = raw.port, "discovery sent an unusable endpoint address"),
         }
     }
 

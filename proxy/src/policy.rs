@@ -228,7 +228,8 @@ pub struct ServicePolicy {
 }
 
 impl ServicePolicy {
-    /// Compiles `service`; rules that do not compile are dropped with a log line.
+    /// Compiles `service`; rules that do not compile are dropped, endpoints
+    /// that do not parse are kept unusable ([`Self::warn_new_problems`] says so).
     pub fn compile(service: pb::Service, budget: Arc<Budget>) -> Self {
         let default_key = service
             .default_backend
@@ -274,8 +275,7 @@ impl ServicePolicy {
                 r.matches.iter().map(Match::compile).collect::<Option<Vec<_>>>()
             };
             let Some(matches) = matches else {
-                tracing::warn!(route = %r.name, rule = r.rule, "route rule does not compile; ignored");
-                continue;
+                continue; // reported by `warn_new_problems`
             };
             rules.push(Rule {
                 name: r.name.clone(),
@@ -309,6 +309,33 @@ impl ServicePolicy {
             default_key,
             unresolved,
             budget,
+        }
+    }
+
+    /// Logs what this update cannot use (endpoints that take no traffic, rules
+    /// that do not compile) unless `previous`, the last update of the same
+    /// target, had it too: one line per problem rather than one per update.
+    pub fn warn_new_problems(&self, previous: Option<&ServicePolicy>) {
+        let unusable = |p: &'_ ServicePolicy| -> Vec<pb::Endpoint> {
+            p.backends
+                .values()
+                .flatten()
+                .filter(|e| e.addr.is_none())
+                .map(|e| e.raw.clone())
+                .collect()
+        };
+        let mut known = previous.map(unusable).unwrap_or_default();
+        for e in self.backends.values().flatten() {
+            if e.addr.is_none() && !known.contains(&e.raw) {
+                e.warn_if_unusable();
+                known.push(e.raw.clone());
+            }
+        }
+        for r in &self.service.routes {
+            let compiled = self.rules.iter().any(|c| c.name == r.name && c.index == r.rule);
+            if !compiled && !previous.is_some_and(|p| p.service.routes.contains(r)) {
+                tracing::warn!(route = %r.name, rule = r.rule, "route rule does not compile; ignored");
+            }
         }
     }
 
@@ -395,6 +422,75 @@ mod tests {
             },
             Arc::new(Budget::new(0.2, 10, Duration::from_secs(10))),
         )
+    }
+
+    /// The log lines `f` writes.
+    fn logged(f: impl FnOnce()) -> Vec<String> {
+        #[derive(Clone, Default)]
+        struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let w = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || w.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let out = lines.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        String::from_utf8_lossy(&out).lines().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn a_problem_is_logged_once_not_on_every_update() {
+        let regex = path_match::Kind::Regex as i32;
+        let endpoint = |address: &str| pb::Endpoint {
+            address: address.into(),
+            port: 80,
+            ready: true,
+            ..Default::default()
+        };
+        let update = |addresses: &[&str]| {
+            let mut p = policy(vec![
+                route("ok", 0, (regex, "/[0-9]+"), "", 0),
+                route("bad", 0, (regex, "("), "", 0),
+            ]);
+            p.service.default_backend = Some(pb::Backend {
+                key: p.default_key.clone(),
+                endpoints: addresses.iter().map(|a| endpoint(a)).collect(),
+                ..Default::default()
+            });
+            ServicePolicy::compile(p.service, p.budget)
+        };
+        let first = update(&["10.0.0.1", "10.0.0.300"]);
+        let lines = logged(|| first.warn_new_problems(None));
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("unusable endpoint address") && l.contains("10.0.0.300"))
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("does not compile") && l.contains("bad"))
+        );
+        assert_eq!(first.rules.len(), 1, "the bad rule is dropped");
+
+        // Another endpoint comes: only what is new is worth a line.
+        let second = update(&["10.0.0.1", "10.0.0.300", "10.0.0.2"]);
+        assert_eq!(logged(|| second.warn_new_problems(Some(&first))), Vec::<String>::new());
+        let third = update(&["10.0.0.1", "10.0.0.300", "10.0.0.2", "not-an-ip"]);
+        let lines = logged(|| third.warn_new_problems(Some(&second)));
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].contains("not-an-ip"), "{lines:?}");
     }
 
     fn req(method: &str, uri: &str, headers: &[&str]) -> Request<()> {
