@@ -386,17 +386,39 @@ async fn route(
         },
     };
     outcome.mtls = target.identity.is_some();
+    let recorded = record_attempt(proxy, outcome, None);
     match send(proxy, &target, orig, req.map(Either::Left), None).await {
         Ok(rsp) => {
-            proxy.telemetry.attempt(outcome, rsp.status().as_u16());
+            recorded.done(rsp.status());
             rsp.map(Either::Left)
         }
         Err(e) => {
             tracing::debug!(addr = %target.addr, error = %e, "request failed");
-            proxy.telemetry.attempt(outcome, e.status().as_u16());
+            recorded.done(e.status());
             e.response()
         }
     }
+}
+
+/// Counts one attempt in `sidemesh.http.attempts` when it ends: with its
+/// status, or, if it is dropped unfinished, with what cut it off: 504 once
+/// the request's `deadline` has passed (`timeouts.request`), else 499 (the
+/// client went away, as for the request itself).
+fn record_attempt<'a>(
+    proxy: &'a Proxy,
+    outcome: &'a Outcome,
+    deadline: Option<tokio::time::Instant>,
+) -> Finish<Option<tokio::time::Instant>, impl FnOnce(&Option<tokio::time::Instant>, StatusCode) + 'a> {
+    Finish::new(deadline, move |deadline, status| {
+        let cut_by_timeout =
+            status == crate::telemetry::client_closed() && deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+        let status = if cut_by_timeout {
+            StatusCode::GATEWAY_TIMEOUT
+        } else {
+            status
+        };
+        proxy.telemetry.attempt(outcome, status.as_u16());
+    })
 }
 
 /// A copy of a request head (method, URI, version, headers) for an attempt.
@@ -458,9 +480,12 @@ async fn call_service(
         );
     }
     policy.budget.deposit();
-    let attempts = attempts(proxy, orig, policy, rule, endpoints, req, outcome);
-    match rule.and_then(|r| r.request_timeout) {
-        Some(limit) => match tokio::time::timeout(limit, attempts).await {
+    let deadline = rule
+        .and_then(|r| r.request_timeout)
+        .map(|limit| tokio::time::Instant::now() + limit);
+    let attempts = attempts(proxy, orig, policy, rule, endpoints, req, outcome, deadline);
+    match deadline {
+        Some(deadline) => match tokio::time::timeout_at(deadline, attempts).await {
             Ok(rsp) => rsp,
             Err(_) => {
                 proxy.telemetry.timeout(TimeoutKind::Request, labels);
@@ -471,6 +496,10 @@ async fn call_service(
     }
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one request's context, passed once: a struct for it would be built and taken apart on the spot"
+)]
 async fn attempts(
     proxy: &Proxy,
     orig: SocketAddr,
@@ -479,6 +508,7 @@ async fn attempts(
     endpoints: &[Endpoint],
     req: Request<Incoming>,
     outcome: &mut Outcome,
+    deadline: Option<tokio::time::Instant>,
 ) -> Response<Body> {
     // The route's labels travel with every attempt to the server proxy (when anything is recorded).
     let route_header: Option<HeaderValue> = proxy
@@ -552,6 +582,7 @@ async fn attempts(
         }
         let req = Request::from_parts(head, body);
         outcome.mtls = target.identity.is_some();
+        let recorded = record_attempt(proxy, outcome, deadline);
         let sent = send(proxy, &target, orig, req, route_header.as_ref());
         let result = match backend_timeout {
             Some(limit) => tokio::time::timeout(limit, sent)
@@ -565,7 +596,7 @@ async fn attempts(
                 if proxy.balancer.done(pick, code < 500) {
                     proxy.telemetry.ejection(&outcome.labels);
                 }
-                proxy.telemetry.attempt(outcome, code);
+                recorded.done(rsp.status());
                 let retryable = retry.is_some_and(|r| r.codes.contains(&code));
                 (rsp.map(Either::Left), retryable)
             }
@@ -576,7 +607,7 @@ async fn attempts(
                 if matches!(e, AttemptError::Timeout) {
                     proxy.telemetry.timeout(TimeoutKind::BackendRequest, &outcome.labels);
                 }
-                proxy.telemetry.attempt(outcome, e.status().as_u16());
+                recorded.done(e.status());
                 tracing::debug!(addr = %target.addr, error = %e, attempt, "attempt failed");
                 let retryable = match &e {
                     AttemptError::Connection(_) => true,

@@ -447,6 +447,21 @@ fn a_request_whose_client_gives_up_is_recorded_as_499_by_both_proxies() {
         (1.0, 1.0),
         "(client proxy, server proxy) requests recorded as 499"
     );
+    // Its one attempt, cut off with it, is counted too (and only once).
+    let m = shop
+        .client
+        .run("curl", &["-sf", "http://127.0.0.1:15020/metrics"], T)
+        .stdout;
+    assert_eq!(metric_value(&m, "sidemesh_http_attempts_total", &[]), 1.0, "{m}");
+    assert_eq!(
+        metric_value(
+            &m,
+            "sidemesh_http_attempts_total",
+            &["http_response_status_code=\"499\""]
+        ),
+        1.0,
+        "{m}"
+    );
 }
 
 #[test]
