@@ -76,6 +76,10 @@ pub struct ProxyArgs {
     /// forgotten and unsubscribed (the next connection to it asks again).
     #[arg(long, env = "SIDEMESH_DISCOVERY_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub discovery_idle_timeout: Duration,
+    /// A pooled HTTP/2 connection to a peer proxy that no request took for
+    /// this long (up to twice this) is closed (0s: never).
+    #[arg(long, env = "SIDEMESH_MESH_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub mesh_idle_timeout: Duration,
     /// `on` or `off`: data-plane metrics and spans.
     #[arg(long, env = "SIDEMESH_TELEMETRY", value_enum, default_value = "on")]
     pub telemetry: TelemetryMode,

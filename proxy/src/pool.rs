@@ -137,14 +137,22 @@ struct Slot {
     sender: Option<http2::SendRequest<Body>>,
     /// Held while connecting, so one caller connects and the others wait for it.
     connecting: Arc<tokio::sync::Mutex<()>>,
+    /// Whether a request took the connection since [`MeshPool::close_idle`] last ran.
+    used: bool,
 }
 
 impl Slot {
-    fn ready(&self, peer: &SpiffeId) -> Option<http2::SendRequest<Body>> {
+    fn ready(&mut self, peer: &SpiffeId) -> Option<http2::SendRequest<Body>> {
         if &self.peer != peer {
             return None;
         }
-        self.sender.as_ref().filter(|s| s.is_ready()).cloned()
+        let sender = self.sender.as_ref().filter(|s| s.is_ready()).cloned();
+        self.used |= sender.is_some();
+        sender
+    }
+
+    fn connecting(&self) -> bool {
+        Arc::strong_count(&self.connecting) > 1
     }
 }
 
@@ -155,9 +163,25 @@ const SWEEP_FROM: usize = 64;
 /// waiting on. Without this the pool would keep a slot for every peer
 /// endpoint it ever met, and Pods come and go with new addresses.
 fn sweep(slots: &mut HashMap<SocketAddr, Slot>) {
-    slots.retain(|_, slot| {
-        Arc::strong_count(&slot.connecting) > 1 || slot.sender.as_ref().is_some_and(|s| !s.is_closed())
+    slots.retain(|_, slot| slot.connecting() || slot.sender.as_ref().is_some_and(|s| !s.is_closed()));
+}
+
+/// Forgets the slots no request used since the last call (closing their
+/// connections) but not one being connected; returns how many live
+/// connections it closed.
+fn close_unused(slots: &mut HashMap<SocketAddr, Slot>) -> usize {
+    let mut closed = 0;
+    slots.retain(|addr, slot| {
+        if slot.connecting() || std::mem::take(&mut slot.used) {
+            return true;
+        }
+        if slot.sender.take().is_some_and(|s| !s.is_closed()) {
+            tracing::debug!(%addr, peer = %slot.peer, "closing an idle mesh connection");
+            closed += 1;
+        }
+        false
     });
+    closed
 }
 
 /// Pooled HTTP/2-over-mTLS connections to peer proxies, one per endpoint.
@@ -188,8 +212,22 @@ impl MeshPool {
     }
 
     fn ready(&self, addr: SocketAddr, peer: &SpiffeId) -> Option<http2::SendRequest<Body>> {
-        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots.get(&addr)?.ready(peer)
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.get_mut(&addr)?.ready(peer)
+    }
+
+    /// Closes the connections no request took since the last call, and
+    /// forgets dead slots; returns how many connections it closed. Called
+    /// every idle timeout, so a connection goes after one to two of them
+    /// unused: a peer that left discovery but lives on (scaled out of its
+    /// Service, relabelled, not ready) is not held open for ever by the
+    /// HTTP/2 keep-alive pings. Dropping the pool's sender lets hyper end
+    /// the connection (GOAWAY) once its last in-flight request is done.
+    pub fn close_idle(&self) -> usize {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let closed = close_unused(&mut slots);
+        self.sweep_at.store((2 * slots.len()).max(SWEEP_FROM), Relaxed);
+        closed
     }
 
     /// A ready sender to `addr`, connecting (once, whoever asks first) if needed.
@@ -213,6 +251,7 @@ impl MeshPool {
                 peer: peer.clone(),
                 sender: None,
                 connecting: Arc::default(),
+                used: true,
             });
             if &slot.peer != peer {
                 // The endpoint's identity changed: its old connection is not for this peer.
@@ -242,6 +281,7 @@ impl MeshPool {
             && &slot.peer == peer
         {
             slot.sender = Some(sender.clone());
+            slot.used = true;
         }
         Ok(sender)
     }
@@ -267,6 +307,7 @@ mod tests {
             peer: SpiffeId::new("cluster.local", "shop", "web").expect("id"),
             sender: None,
             connecting: Arc::default(),
+            used: false,
         }
     }
 
@@ -280,5 +321,19 @@ mod tests {
         let _gate = slots[&busy].connecting.clone();
         sweep(&mut slots);
         assert_eq!(slots.keys().copied().collect::<Vec<_>>(), vec![busy]);
+    }
+
+    #[test]
+    fn an_idle_slot_goes_at_the_second_call_and_a_used_one_stays() {
+        let addr = |port| SocketAddr::from(([10, 0, 0, 1], port));
+        let mut slots: HashMap<SocketAddr, Slot> = (1..=3).map(|port| (addr(port), dead_slot())).collect();
+        let _gate = slots[&addr(3)].connecting.clone();
+        slots.get_mut(&addr(2)).expect("slot").used = true;
+        close_unused(&mut slots);
+        let mut left: Vec<_> = slots.keys().copied().collect();
+        left.sort();
+        assert_eq!(left, vec![addr(2), addr(3)], "the used one had its round");
+        close_unused(&mut slots);
+        assert_eq!(slots.keys().copied().collect::<Vec<_>>(), vec![addr(3)], "unused since");
     }
 }

@@ -171,6 +171,22 @@ async fn run_async(args: ProxyArgs) -> anyhow::Result<()> {
         telemetry,
     });
 
+    if proxy.pool.is_some() && !args.mesh_idle_timeout.is_zero() {
+        let weak = Arc::downgrade(&proxy);
+        let period = args.mesh_idle_timeout;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(proxy) = weak.upgrade() else { break };
+                if let Some(pool) = &proxy.pool {
+                    pool.close_idle();
+                }
+            }
+        });
+    }
+
     let admin = Admin::new(metrics.clone()).with_routes(crate::admin::routes(proxy.clone()));
     let admin_drain = proxy.drain.clone();
     let (admin_stop_tx, mut admin_stop) = tokio::sync::watch::channel(false);

@@ -465,6 +465,48 @@ fn a_request_whose_client_gives_up_is_recorded_as_499_by_both_proxies() {
 }
 
 #[test]
+fn an_idle_mesh_connection_is_closed_and_the_next_request_reconnects() {
+    if netns::skip_unless_capable("an_idle_mesh_connection_is_closed_and_the_next_request_reconnects") {
+        return;
+    }
+    let shop = shop(
+        "mesh-idle",
+        ProxyOptions {
+            env: vec![("SIDEMESH_MESH_IDLE_TIMEOUT".into(), "1s".into())],
+            ..ProxyOptions::default()
+        },
+    );
+    let vip = service_ip(10);
+    // The client proxy's pooled connection to the server Pod (curl's own
+    // connection goes to the VIP, redirected to the local proxy).
+    let upstream = format!("dst {}:8080", shop.server.ip());
+    let pooled = || {
+        let out = shop.client.run("ss", &["-Htn", "state", "established", &upstream], T);
+        out.stdout.lines().filter(|l| !l.trim().is_empty()).count()
+    };
+    assert!(curl(&shop.client, &[&format!("http://{vip}/first")]).contains("path=/first"));
+    assert_eq!(pooled(), 1, "one pooled mesh connection after a request");
+    // Unused, it is closed within two idle timeouts; the HTTP/2 keep-alive
+    // pings (every 30 s) would otherwise hold it for ever.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pooled() > 0 {
+        assert!(Instant::now() < deadline, "the idle mesh connection is still open");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(curl(&shop.client, &[&format!("http://{vip}/again")]).contains("path=/again"));
+    let m = shop
+        .client
+        .run("curl", &["-sf", "http://127.0.0.1:15020/metrics"], T)
+        .stdout;
+    let handshakes = metric_value(
+        &m,
+        "sidemesh_tls_handshakes_total",
+        &["direction=\"outbound\"", "result=\"success\""],
+    );
+    assert_eq!(handshakes, 2.0, "the second request connected anew\n{m}");
+}
+
+#[test]
 fn server_first_protocols_answer_without_waiting_for_the_client() {
     if netns::skip_unless_capable("server_first_protocols_answer_without_waiting_for_the_client") {
         return;
