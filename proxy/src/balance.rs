@@ -127,50 +127,45 @@ impl Balancer {
     /// Picks one of `endpoints` (ready ones; all when none is ready), avoiding
     /// `avoid` (endpoints already tried for this request) when possible.
     pub fn pick(&self, endpoints: &[Endpoint], avoid: &[SocketAddr]) -> Option<Pick<'_>> {
-        let ready: Vec<(usize, SocketAddr)> = endpoints
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.ready())
-            .filter_map(|(i, e)| Some((i, e.addr?)))
-            .collect();
-        let pool = if ready.is_empty() {
-            endpoints
-                .iter()
-                .enumerate()
-                .filter_map(|(i, e)| Some((i, e.addr?)))
-                .collect()
-        } else {
-            ready
-        };
-        if pool.is_empty() {
-            return None;
-        }
         let now = Instant::now();
         let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        let fresh: Vec<(usize, SocketAddr)> = pool.iter().copied().filter(|(_, a)| !avoid.contains(a)).collect();
-        let candidates = if fresh.is_empty() { pool } else { fresh };
-        let healthy: Vec<(usize, SocketAddr)> = candidates
-            .iter()
-            .copied()
-            .filter(|(_, a)| !stats.get(a).is_some_and(|s| s.ejected(now)))
-            .collect();
-        // Everything ejected: better to try than to fail outright.
-        let candidates = if healthy.is_empty() { candidates } else { healthy };
-        let (index, addr) = if candidates.len() == 1 {
-            candidates[0]
-        } else {
-            let a = rand::random_range(0..candidates.len());
-            let mut b = rand::random_range(0..candidates.len() - 1);
-            if b >= a {
-                b += 1;
-            }
-            let cost = |c: (usize, SocketAddr)| stats.get(&c.1).map_or(DEFAULT_RTT_NS, |s| s.cost(now));
-            if cost(candidates[a]) <= cost(candidates[b]) {
-                candidates[a]
-            } else {
-                candidates[b]
+        // Narrowed step by step, each step kept only if it leaves someone:
+        // ready endpoints, then those not yet tried for this request, then
+        // those not ejected (everything ejected: better to try than to fail
+        // outright). Counted in passes rather than collected: this runs for
+        // every request.
+        let mut narrow = [false; 3];
+        let fits = |e: &Endpoint, narrow: &[bool; 3]| -> bool {
+            let Some(addr) = e.addr else { return false };
+            (!narrow[0] || e.ready())
+                && (!narrow[1] || !avoid.contains(&addr))
+                && (!narrow[2] || !stats.get(&addr).is_some_and(|s| s.ejected(now)))
+        };
+        for step in 0..narrow.len() {
+            let mut tighter = narrow;
+            tighter[step] = true;
+            narrow[step] = endpoints.iter().any(|e| fits(e, &tighter));
+        }
+        let candidates = || endpoints.iter().enumerate().filter(|(_, e)| fits(e, &narrow));
+        let (index, endpoint) = match candidates().count() {
+            0 => return None,
+            1 => candidates().next()?,
+            n => {
+                let a = rand::random_range(0..n);
+                let mut b = rand::random_range(0..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let (a, b) = (candidates().nth(a)?, candidates().nth(b)?);
+                let cost = |e: &Endpoint| {
+                    e.addr
+                        .and_then(|addr| stats.get(&addr))
+                        .map_or(DEFAULT_RTT_NS, |s| s.cost(now))
+                };
+                if cost(a.1) <= cost(b.1) { a } else { b }
             }
         };
+        let addr = endpoint.addr?;
         if !stats.contains_key(&addr) && stats.len() + 1 >= self.sweep_at.load(Relaxed) {
             stats.retain(|_, s| worth_keeping(s, now));
             self.sweep_at.store((2 * stats.len()).max(SWEEP_FROM), Relaxed);
@@ -306,6 +301,44 @@ mod tests {
             b.done(p, true);
             ok
         }));
+    }
+
+    #[test]
+    fn each_narrowing_gives_way_only_when_it_would_leave_nobody() {
+        let b = Balancer::default();
+        let ports = |eps: &[Endpoint], avoid: &[SocketAddr]| -> std::collections::BTreeSet<u16> {
+            (0..200)
+                .filter_map(|_| b.pick(eps, avoid).map(|p| p.addr.port()))
+                .collect()
+        };
+        let not_ready = |port| {
+            let mut e = ep(port);
+            e.raw.ready = false;
+            e
+        };
+        let unusable = |port| Endpoint { addr: None, ..ep(port) };
+        let addr = |port| SocketAddr::from(([10, 0, 0, 1], port));
+        // Ready ones first; the others only when none is ready; no address, never.
+        assert_eq!(ports(&[ep(1), not_ready(2), unusable(3)], &[]), [1].into());
+        assert_eq!(ports(&[not_ready(2), unusable(3)], &[]), [2].into());
+        assert_eq!(ports(&[unusable(3)], &[]), [].into());
+        assert_eq!(ports(&[], &[]), [].into());
+        // Not tried yet, among the ready; tried ones again when all were.
+        assert_eq!(ports(&[ep(1), ep(2), not_ready(3)], &[addr(1)]), [2].into());
+        let again = ports(&[ep(1), ep(2), not_ready(3)], &[addr(1), addr(2)]);
+        assert!(!again.is_empty() && again.is_subset(&[1, 2].into()), "{again:?}");
+        // Not ejected; ejected ones when everyone is.
+        for _ in 0..FAILURES_TO_EJECT {
+            let p = b.pick(&[ep(1)], &[]).expect("pick");
+            b.done(p, false);
+        }
+        assert_eq!(ports(&[ep(1), ep(2)], &[]), [2].into());
+        assert_eq!(
+            ports(&[ep(1), ep(2)], &[addr(2)]),
+            [1].into(),
+            "tried beats ejected? no: fresh first"
+        );
+        assert_eq!(ports(&[ep(1)], &[]), [1].into());
     }
 
     /// Share of 1000 picks (each reported at once) that go to port `port`.
