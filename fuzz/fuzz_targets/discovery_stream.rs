@@ -1,6 +1,6 @@
 //! A destination stream that sends nonsense: any bytes as a
 //! `DiscoveryResponse`, and what decodes compiled into a proxy's policy,
-//! endpoints parsed, requests routed. Nothing panics.
+//! endpoints parsed, problems reported, requests routed. Nothing panics.
 #![no_main]
 
 use std::sync::Arc;
@@ -20,6 +20,8 @@ fuzz_target!(|data: &[u8]| {
     match rsp.result {
         Some(pb::discovery_response::Result::Service(svc)) => {
             let policy = ServicePolicy::compile(svc, Arc::new(Budget::new(0.2, 10, Duration::from_secs(10))));
+            policy.warn_new_problems(None);
+            policy.warn_new_problems(Some(&policy));
             let req = http::Request::get("/a/b?c=d")
                 .header("x-a", "b")
                 .body(())
@@ -31,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         Some(pb::discovery_response::Result::Pod(ep)) => {
-            let _ = Endpoint::from(ep);
+            Endpoint::from(ep).warn_if_unusable();
         }
         _ => {}
     }
