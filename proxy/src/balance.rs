@@ -336,7 +336,7 @@ mod tests {
         assert_eq!(
             ports(&[ep(1), ep(2)], &[addr(2)]),
             [1].into(),
-            "tried beats ejected? no: fresh first"
+            "not tried comes before not ejected"
         );
         assert_eq!(ports(&[ep(1)], &[]), [1].into());
     }

@@ -316,19 +316,16 @@ impl ServicePolicy {
     /// that do not compile) unless `previous`, the last update of the same
     /// target, had it too: one line per problem rather than one per update.
     pub fn warn_new_problems(&self, previous: Option<&ServicePolicy>) {
-        let unusable = |p: &'_ ServicePolicy| -> Vec<pb::Endpoint> {
-            p.backends
-                .values()
-                .flatten()
-                .filter(|e| e.addr.is_none())
-                .map(|e| e.raw.clone())
-                .collect()
-        };
-        let mut known = previous.map(unusable).unwrap_or_default();
+        let mut known: Vec<&pb::Endpoint> = previous
+            .into_iter()
+            .flat_map(|p| p.backends.values().flatten())
+            .filter(|e| e.addr.is_none())
+            .map(|e| &e.raw)
+            .collect();
         for e in self.backends.values().flatten() {
-            if e.addr.is_none() && !known.contains(&e.raw) {
+            if e.addr.is_none() && !known.contains(&&e.raw) {
                 e.warn_if_unusable();
-                known.push(e.raw.clone());
+                known.push(&e.raw);
             }
         }
         for r in &self.service.routes {

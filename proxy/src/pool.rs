@@ -167,21 +167,17 @@ fn sweep(slots: &mut HashMap<SocketAddr, Slot>) {
 }
 
 /// Forgets the slots no request used since the last call (closing their
-/// connections) but not one being connected; returns how many live
-/// connections it closed.
-fn close_unused(slots: &mut HashMap<SocketAddr, Slot>) -> usize {
-    let mut closed = 0;
+/// connections) but not one being connected.
+fn close_unused(slots: &mut HashMap<SocketAddr, Slot>) {
     slots.retain(|addr, slot| {
         if slot.connecting() || std::mem::take(&mut slot.used) {
             return true;
         }
         if slot.sender.take().is_some_and(|s| !s.is_closed()) {
             tracing::debug!(%addr, peer = %slot.peer, "closing an idle mesh connection");
-            closed += 1;
         }
         false
     });
-    closed
 }
 
 /// Pooled HTTP/2-over-mTLS connections to peer proxies, one per endpoint.
@@ -217,17 +213,16 @@ impl MeshPool {
     }
 
     /// Closes the connections no request took since the last call, and
-    /// forgets dead slots; returns how many connections it closed. Called
+    /// forgets dead slots. Called
     /// every idle timeout, so a connection goes after one to two of them
     /// unused: a peer that left discovery but lives on (scaled out of its
     /// Service, relabelled, not ready) is not held open for ever by the
     /// HTTP/2 keep-alive pings. Dropping the pool's sender lets hyper end
     /// the connection (GOAWAY) once its last in-flight request is done.
-    pub fn close_idle(&self) -> usize {
+    pub fn close_idle(&self) {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let closed = close_unused(&mut slots);
+        close_unused(&mut slots);
         self.sweep_at.store((2 * slots.len()).max(SWEEP_FROM), Relaxed);
-        closed
     }
 
     /// A ready sender to `addr`, connecting (once, whoever asks first) if needed.

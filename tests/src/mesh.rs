@@ -270,6 +270,17 @@ impl Workload {
         serde_json::from_str(&out.stdout).unwrap_or(serde_json::Value::Null)
     }
 
+    /// `/metrics` of its proxy (Prometheus text; empty if it did not answer).
+    pub fn metrics(&self) -> String {
+        self.pod
+            .run(
+                "curl",
+                &["-sf", "--max-time", "5", "http://127.0.0.1:15020/metrics"],
+                Duration::from_secs(30),
+            )
+            .stdout
+    }
+
     /// Runs a client inside the Pod.
     pub fn run(&self, program: &str, args: &[&str], timeout: Duration) -> Output {
         self.pod.run(program, args, timeout)

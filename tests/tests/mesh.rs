@@ -402,12 +402,11 @@ fn http_clients_that_connect_ahead_of_their_first_request_are_still_proxied_as_h
         plain.contains("client-id=-"),
         "a forged identity reached the app: {plain}"
     );
-    let metrics = |w: &Workload| w.run("curl", &["-sf", "http://127.0.0.1:15020/metrics"], T).stdout;
     let detected = |m: &str, direction: &str, protocol: &str| {
         let (d, p) = (format!("direction=\"{direction}\""), format!("protocol=\"{protocol}\""));
         metric_value(m, "sidemesh_detect_results_total", &[&d, &p])
     };
-    let (client, server) = (metrics(&shop.client), metrics(&shop.server));
+    let (client, server) = (shop.client.metrics(), shop.server.metrics());
     assert_eq!(detected(&client, "outbound", "http1"), 1.0, "{client}");
     assert_eq!(detected(&client, "outbound", "opaque"), 0.0, "{client}");
     assert_eq!(detected(&server, "inbound", "http1"), 1.0, "{server}");
@@ -426,10 +425,7 @@ fn a_request_whose_client_gives_up_is_recorded_as_499_by_both_proxies() {
         T,
     );
     assert!(!out.success(), "curl was to give up: {}", out.stdout);
-    let closed = |w: &Workload, name: &str| {
-        let m = w.run("curl", &["-sf", "http://127.0.0.1:15020/metrics"], T).stdout;
-        metric_value(&m, name, &["http_response_status_code=\"499\""])
-    };
+    let closed = |w: &Workload, name: &str| metric_value(&w.metrics(), name, &["http_response_status_code=\"499\""]);
     // The server proxy learns of it when the client proxy resets the stream.
     let deadline = Instant::now() + Duration::from_secs(10);
     let counts = loop {
@@ -448,10 +444,7 @@ fn a_request_whose_client_gives_up_is_recorded_as_499_by_both_proxies() {
         "(client proxy, server proxy) requests recorded as 499"
     );
     // Its one attempt, cut off with it, is counted too (and only once).
-    let m = shop
-        .client
-        .run("curl", &["-sf", "http://127.0.0.1:15020/metrics"], T)
-        .stdout;
+    let m = shop.client.metrics();
     assert_eq!(metric_value(&m, "sidemesh_http_attempts_total", &[]), 1.0, "{m}");
     assert_eq!(
         metric_value(
@@ -494,10 +487,7 @@ fn an_idle_mesh_connection_is_closed_and_the_next_request_reconnects() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(curl(&shop.client, &[&format!("http://{vip}/again")]).contains("path=/again"));
-    let m = shop
-        .client
-        .run("curl", &["-sf", "http://127.0.0.1:15020/metrics"], T)
-        .stdout;
+    let m = shop.client.metrics();
     let handshakes = metric_value(
         &m,
         "sidemesh_tls_handshakes_total",
@@ -767,8 +757,7 @@ fn a_destination_that_speaks_nonsense_leaves_traffic_flowing() {
 
 /// An inbound mTLS handshake count of a proxy, from its `/metrics`.
 fn inbound_handshakes(w: &Workload) -> u64 {
-    let out = w.run("curl", &["-sf", "http://127.0.0.1:15020/metrics"], T);
-    out.stdout
+    w.metrics()
         .lines()
         .filter(|l| l.starts_with("sidemesh_tls_handshakes_total") && l.contains(r#"direction="inbound""#))
         .filter(|l| l.contains(r#"result="success""#))
@@ -845,10 +834,7 @@ with connect("{url}", open_timeout=10, additional_headers=forged) as ws:
         "the upgrade did not arrive over mesh mTLS"
     );
     // The server's proxy saw the upgrade request itself: counted, with its client.
-    let m = shop
-        .server
-        .run("curl", &["-sf", "http://127.0.0.1:15020/metrics"], T)
-        .stdout;
+    let m = shop.server.metrics();
     let upgrades = metric_value(
         &m,
         "http_server_request_duration_seconds_count",

@@ -395,13 +395,7 @@ fn timeouts_answer_504_on_time() {
     assert_eq!(code, "504", "{}", out.stdout);
     assert!((0.25..1.0).contains(&secs), "504 after {secs:.3}s for a 300ms timeout");
     // The attempt the timeout cut off counts as the 504 it became.
-    let m = client
-        .run(
-            "curl",
-            &["-sf", "http://127.0.0.1:15020/metrics"],
-            Duration::from_secs(10),
-        )
-        .stdout;
+    let m = client.metrics();
     let attempts = |code: &str| {
         let code = format!("http_response_status_code=\"{code}\"");
         sidemesh_tests::process::metric_value(&m, "sidemesh_http_attempts_total", &[code.as_str()])
