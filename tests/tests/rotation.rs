@@ -329,11 +329,6 @@ fn roots_of(state: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn proxy_metrics(w: &Workload) -> String {
-    w.run("curl", &["-sf", "--max-time", "5", "http://127.0.0.1:15020/metrics"], T)
-        .stdout
-}
-
 /// A workload leaf for `id` from the issuer `issuer` (under `root`), with
 /// the issuer appended, written as `<name>.crt` / `<name>.key` in `dir`.
 fn leaf_files(dir: &Path, name: &str, root: &str, issuer: &PemPair, id: &str) -> (String, String) {
@@ -491,7 +486,7 @@ fn root_rotation_under_load_fails_no_request_and_restarts_nothing() {
         assert_eq!(roots_of(&st), vec![b.clone()], "{}: {st}", w.pod.name());
         assert_eq!(st["certificate"]["root_fingerprint"], b.as_str(), "{st}");
         assert_eq!(st["certificate"]["issuer_fingerprint"], b_issuer.as_str(), "{st}");
-        let m = proxy_metrics(w);
+        let m = w.metrics();
         assert_eq!(metric_value(&m, "sidemesh_proxy_trust_roots", &[]), 1.0, "{m}");
         assert_eq!(
             metric_value(&m, "sidemesh_proxy_trust_root_info", &[&format!("fingerprint=\"{b}\"")]),

@@ -351,18 +351,14 @@ fn otlp_metrics_and_spans_reach_a_receiver_with_names_units_and_attributes() {
         "cpu.mode"
     );
     // The same instruments on the admin port, with the Prometheus names.
-    let page = server.run("curl", &["-sf", "--max-time", "5", "http://127.0.0.1:15020/metrics"], T);
+    let page = server.metrics();
     for name in [
         "http_server_request_duration_seconds_bucket{",
         "sidemesh_tcp_bytes_total{",
         "process_cpu_time_seconds_total{",
         "process_memory_usage_bytes ",
     ] {
-        assert!(
-            page.stdout.contains(name),
-            "{name} missing from /metrics:\n{}",
-            page.stdout
-        );
+        assert!(page.contains(name), "{name} missing from /metrics:\n{}", page);
     }
     drop(server);
 }
