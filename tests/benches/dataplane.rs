@@ -9,6 +9,13 @@
 //!
 //! `BENCH_ONLY=keepalive,one,new,bulk,rtt,cpu,rss` runs only the named rows
 //! (for profiling one case: the proxies' PIDs are printed at start).
+//!
+//! With `stunnel` installed (Debian's `stunnel4`), each traffic row also
+//! measures an L4 mTLS data plane on the same machine in the same run: a
+//! stunnel client in the unmeshed client Pod and a stunnel server in the
+//! unmeshed server Pod. That path has the mesh's extra sockets and TLS
+//! ends, and none of its L7 work (no HTTP parsing, no pooling, no
+//! discovery). `BENCH_STUNNEL=0` leaves it out.
 
 use std::time::{Duration, Instant};
 
@@ -17,6 +24,17 @@ use sidemesh_tests::mesh::{Mesh, ProxyOptions, Workload};
 use sidemesh_tests::netns::{self, Pod, service_ip};
 use sidemesh_tests::objects::{pod, service, slice, yaml};
 use sidemesh_tests::process::binary;
+
+/// Which data plane a measurement goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// Application to application, no proxy.
+    Direct,
+    /// Through both sidemesh sidecars.
+    Mesh,
+    /// Through the stunnel pair (see [`start_stunnel`]).
+    Stunnel,
+}
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -50,9 +68,13 @@ fn wrk(pod: &Pod, url: &str, conns: u32, secs: u64, extra: &[&str]) -> f64 {
     rps
 }
 
-fn iperf(pod: &Pod, host: &str, secs: u64) -> f64 {
-    let t = secs.to_string();
-    let out = pod.run("iperf3", &["-c", host, "-t", &t, "-J"], Duration::from_secs(secs + 30));
+fn iperf(pod: &Pod, host: &str, port: u16, secs: u64) -> f64 {
+    let (t, p) = (secs.to_string(), port.to_string());
+    let out = pod.run(
+        "iperf3",
+        &["-c", host, "-p", &p, "-t", &t, "-J"],
+        Duration::from_secs(secs + 30),
+    );
     serde_json::from_str::<serde_json::Value>(&out.stdout)
         .ok()
         .and_then(|v| v["end"]["sum_received"]["bits_per_second"].as_f64())
@@ -122,6 +144,98 @@ fn rss_breakdown(pid: u32) -> String {
     )
 }
 
+/// The ports the stunnel reference carries: (name, application port, the
+/// server's TLS port, the client's local port).
+const STUNNEL_PORTS: [(&str, u16, u16, u16); 3] = [
+    ("http", 8080, 18080, 28080),
+    ("tcp", 9000, 19000, 29000),
+    ("iperf", 5201, 15201, 25201),
+];
+
+/// A running stunnel pair, and the files it reads.
+struct Stunnel {
+    _procs: Vec<sidemesh_tests::process::Proc>,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts the L4 mTLS reference: a stunnel client in `client` listening on
+/// 127.0.0.1 at each [`STUNNEL_PORTS`] local port, a stunnel server in
+/// `server` in front of its applications. Both sides present certificates
+/// of one CA and check the other's (ECDSA P-256, TLS 1.3 with
+/// AES-128-GCM, as between sidemesh proxies). `None` without stunnel.
+fn start_stunnel(client: &Pod, server: &Pod) -> Option<Stunnel> {
+    if std::env::var("BENCH_STUNNEL").is_ok_and(|v| v == "0") {
+        return None;
+    }
+    let Some(program) = netns::find_program("stunnel") else {
+        eprintln!("stunnel not installed (apt-get install stunnel4): no L4 mTLS reference column");
+        return None;
+    };
+    let dir = tempfile::tempdir().ok()?;
+    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).ok();
+    let ca_key = rcgen::KeyPair::generate().ok()?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).ok()?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // rcgen's default subject is the same for every certificate, and OpenSSL
+    // takes a leaf whose subject is its issuer's for self-signed.
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "bench CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).ok()?;
+    write("ca.pem", &ca.pem())?;
+    for (name, san) in [("server", server.ip().to_string()), ("client", "client".to_owned())] {
+        let key = rcgen::KeyPair::generate().ok()?;
+        let cert = rcgen::CertificateParams::new(vec![san])
+            .ok()?
+            .signed_by(&key, &ca)
+            .ok()?;
+        write(&format!("{name}.pem"), &cert.pem())?;
+        write(&format!("{name}.key"), &key.serialize_pem())?;
+    }
+    let d = dir.path().display();
+    let common = |name: &str| {
+        format!(
+            "cert = {d}/{name}.pem\nkey = {d}/{name}.key\nCAfile = {d}/ca.pem\nverifyChain = yes\n\
+             sslVersionMin = TLSv1.3\nciphersuites = TLS_AES_128_GCM_SHA256\n\
+             socket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n"
+        )
+    };
+    let global = "foreground = yes\npid =\nsyslog = no\ndebug = 3\n";
+    let (mut client_conf, mut server_conf) = (global.to_owned(), global.to_owned());
+    for (name, app, tls, local) in STUNNEL_PORTS {
+        client_conf += &format!(
+            "[{name}]\nclient = yes\naccept = 127.0.0.1:{local}\nconnect = {}:{tls}\ncheckIP = {}\n{}",
+            server.ip(),
+            server.ip(),
+            common("client")
+        );
+        server_conf += &format!(
+            "[{name}]\naccept = 0.0.0.0:{tls}\nconnect = 127.0.0.1:{app}\n{}",
+            common("server")
+        );
+    }
+    write("client.conf", &client_conf)?;
+    write("server.conf", &server_conf)?;
+    let conf = |name: &str| dir.path().join(name).display().to_string();
+    let procs = vec![
+        server.start("stunnel", &program, &[&conf("server.conf")], &[]),
+        client.start("stunnel", &program, &[&conf("client.conf")], &[]),
+    ];
+    for (_, _, tls, local) in STUNNEL_PORTS {
+        if !server.wait_listening(tls, Duration::from_secs(10))
+            || !client.wait_listening(local, Duration::from_secs(10))
+        {
+            eprintln!(
+                "stunnel did not start (logs in {}): no L4 mTLS reference column",
+                client.log_dir().display()
+            );
+            return None;
+        }
+    }
+    Some(Stunnel {
+        _procs: procs,
+        _dir: dir,
+    })
+}
+
 fn start_apps(pod: &Pod) -> Vec<sidemesh_tests::process::Proc> {
     let app = binary("sidemesh-test-app");
     let procs = vec![
@@ -168,6 +282,7 @@ fn main() {
     ]));
     let _apps = start_apps(&server_pod);
     let _dapps = start_apps(&dserver);
+    let stunnel = start_stunnel(&dclient, &dserver);
     let idle_started = Instant::now();
     let server = mesh.mesh(server_pod, "shop", "web", &ProxyOptions::default());
     let mut client = mesh.mesh(client_pod, "default", "frontend", &ProxyOptions::default());
@@ -204,7 +319,7 @@ fn main() {
     let mesh_url = format!("http://{vip}/");
     let direct_url = format!("http://{}:8080/", dserver.ip());
     let close = ["-H", "Connection: close"];
-    let mut rows: Vec<(String, f64, f64, String)> = Vec::new();
+    let mut rows: Vec<(String, f64, f64, Option<f64>, String)> = Vec::new();
     let only = std::env::var("BENCH_ONLY").ok();
     let wanted = |key: &str| only.as_deref().is_none_or(|o| o.split(',').any(|k| k.trim() == key));
     eprintln!(
@@ -212,65 +327,71 @@ fn main() {
         client.proxy.pid(),
         server.proxy.pid()
     );
-    let mut measure = |key: &str, name: &str, goal: &str, f: &dyn Fn(bool) -> f64| {
+    let l4 = stunnel.is_some();
+    let mut measure = |key: &str, name: &str, goal: &str, f: &dyn Fn(Path) -> f64| {
         if !wanted(key) {
             return;
         }
-        let mut direct = Vec::new();
-        let mut meshed = Vec::new();
+        let (mut direct, mut meshed, mut stunneled) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..runs {
-            direct.push(f(false));
-            meshed.push(f(true));
+            direct.push(f(Path::Direct));
+            meshed.push(f(Path::Mesh));
+            if l4 {
+                stunneled.push(f(Path::Stunnel));
+            }
         }
-        rows.push((name.to_owned(), median(direct), median(meshed), goal.to_owned()));
+        let stunneled = l4.then(|| median(stunneled));
+        rows.push((
+            name.to_owned(),
+            median(direct),
+            median(meshed),
+            stunneled,
+            goal.to_owned(),
+        ));
     };
     let (c, d) = (&client.pod, &dclient);
+    let stunnel_url = format!("http://127.0.0.1:{}/", STUNNEL_PORTS[0].3);
+    let url = |p: Path| match p {
+        Path::Direct => &direct_url,
+        Path::Mesh => &mesh_url,
+        Path::Stunnel => &stunnel_url,
+    };
+    let on = |p: Path| if p == Path::Mesh { c } else { d };
     measure(
         "keepalive",
         "HTTP/1.1 keep-alive, 64 connections, requests/s",
         "≥ 0.35",
-        &|m| {
-            if m {
-                wrk(c, &mesh_url, 64, secs, &[])
-            } else {
-                wrk(d, &direct_url, 64, secs, &[])
-            }
-        },
+        &|p| wrk(on(p), url(p), 64, secs, &[]),
     );
-    measure("one", "HTTP/1.1 one connection, requests/s", "≥ 0.6", &|m| {
-        if m {
-            wrk(c, &mesh_url, 1, secs, &[])
-        } else {
-            wrk(d, &direct_url, 1, secs, &[])
-        }
+    measure("one", "HTTP/1.1 one connection, requests/s", "≥ 0.6", &|p| {
+        wrk(on(p), url(p), 1, secs, &[])
     });
     measure(
         "new",
         "HTTP/1.1 new connection per request, requests/s",
         "≥ 0.27",
-        &|m| {
-            if m {
-                wrk(c, &mesh_url, 16, secs, &close)
-            } else {
-                wrk(d, &direct_url, 16, secs, &close)
-            }
-        },
+        &|p| wrk(on(p), url(p), 16, secs, &close),
     );
-    measure("bulk", "bulk TCP, one stream, Gbit/s", "≥ 0.45", &|m| {
-        if m {
-            iperf(c, &vip, secs) / 1e9
-        } else {
-            iperf(d, &dserver.ip().to_string(), secs) / 1e9
-        }
+    let dserver_ip = dserver.ip().to_string();
+    measure("bulk", "bulk TCP, one stream, Gbit/s", "≥ 0.45", &|p| {
+        let (host, port) = match p {
+            Path::Direct => (dserver_ip.as_str(), 5201),
+            Path::Mesh => (vip.as_str(), 5201),
+            Path::Stunnel => ("127.0.0.1", STUNNEL_PORTS[2].3),
+        };
+        iperf(on(p), host, port, secs) / 1e9
     });
     let mut rtts = None;
     if wanted("rtt") {
-        let (mut direct, mut meshed) = (Vec::new(), Vec::new());
+        let (mut direct, mut meshed, mut stunneled) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..runs {
             direct.push(rtt(d, &format!("{}:9000", dserver.ip())).0);
             meshed.push(rtt(c, &format!("{vip}:9000")).0);
+            if l4 {
+                stunneled.push(rtt(d, &format!("127.0.0.1:{}", STUNNEL_PORTS[1].3)).0);
+            }
         }
-        rtts = Some((median(direct), median(meshed)));
+        rtts = Some((median(direct), median(meshed), l4.then(|| median(stunneled))));
     }
 
     // CPU of both proxies per 1000 requests/s, under saturating keep-alive load.
@@ -309,28 +430,31 @@ fn main() {
     println!(
         "data plane: client sidecar + server sidecar (mTLS) vs direct, medians of {runs} runs of {secs} s, one run"
     );
-    println!("| figure | direct | sidemesh | ratio | goal |");
-    println!("|---|---|---|---|---|");
-    for (name, direct, meshed, goal) in &rows {
+    println!("| figure | direct | sidemesh | ratio | stunnel (L4 mTLS) | ratio | goal |");
+    println!("|---|---|---|---|---|---|---|");
+    let ratio = |x: f64, direct: f64| x / direct.max(f64::MIN_POSITIVE);
+    for (name, direct, meshed, stunneled, goal) in &rows {
+        let l4 = stunneled.map_or(" | ".to_owned(), |s| format!("{s:.1} | {:.2}", ratio(s, *direct)));
         println!(
-            "| {name} | {direct:.1} | {meshed:.1} | **{:.2}** | {goal} |",
-            meshed / direct.max(f64::MIN_POSITIVE)
+            "| {name} | {direct:.1} | {meshed:.1} | **{:.2}** | {l4} | {goal} |",
+            ratio(*meshed, *direct)
         );
     }
-    if let Some((direct, meshed)) = rtts {
+    if let Some((direct, meshed, stunneled)) = rtts {
+        let l4 = stunneled.map_or(" | ".to_owned(), |s| format!("{s:.0} | +{:.0} µs", s - direct));
         println!(
-            "| small-message round trip p50 (64 B, TCP), µs | {direct:.0} | {meshed:.0} | +{:.0} µs | |",
+            "| small-message round trip p50 (64 B, TCP), µs | {direct:.0} | {meshed:.0} | +{:.0} µs | {l4} | |",
             meshed - direct
         );
     }
     if let Some((rps, vcpu)) = cpu_row {
-        println!("| CPU of both proxies per 1000 requests/s (at {rps:.0} rps) | | {vcpu:.3} vCPU | | ≤ 0.04 |");
+        println!("| CPU of both proxies per 1000 requests/s (at {rps:.0} rps) | | {vcpu:.3} vCPU | | | | ≤ 0.04 |");
     }
-    println!("| proxy RSS idle (max of the two), MB | | {rss_idle:.1} | | ≤ 8 |");
+    println!("| proxy RSS idle (max of the two), MB | | {rss_idle:.1} | | | | ≤ 8 |");
     if let Some(peak) = rss_load {
-        println!("| proxy RSS at 1000 rps over 100 connections, MB | | {peak:.1} | | ≤ 15 |");
+        println!("| proxy RSS at 1000 rps over 100 connections, MB | | {peak:.1} | | | | ≤ 15 |");
     }
     println!(
-        "| proxy ready after start (certificate held), ms, median of 5 starts (slowest {ready_max:.0}) | | {ready_ms:.0} | | ≤ 50 |"
+        "| proxy ready after start (certificate held), ms, median of 5 starts (slowest {ready_max:.0}) | | {ready_ms:.0} | | | | ≤ 50 |"
     );
 }
