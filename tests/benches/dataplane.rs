@@ -144,13 +144,42 @@ fn rss_breakdown(pid: u32) -> String {
     )
 }
 
-/// The ports the stunnel reference carries: (name, application port, the
-/// server's TLS port, the client's local port).
-const STUNNEL_PORTS: [(&str, u16, u16, u16); 3] = [
-    ("http", 8080, 18080, 28080),
-    ("tcp", 9000, 19000, 29000),
-    ("iperf", 5201, 15201, 25201),
-];
+/// The server Pods' applications: HTTP, a TCP echo for round trips, iperf3.
+const HTTP_PORT: u16 = 8080;
+const ECHO_PORT: u16 = 9000;
+const IPERF_PORT: u16 = 5201;
+
+/// One application port carried by the stunnel reference.
+struct Tunnel {
+    /// stunnel's service name.
+    name: &'static str,
+    /// The application's port in the server Pod.
+    app: u16,
+    /// The stunnel server's TLS port.
+    tls: u16,
+    /// The stunnel client's port on 127.0.0.1 in the client Pod.
+    local: u16,
+}
+
+const HTTP_TUNNEL: Tunnel = Tunnel {
+    name: "http",
+    app: HTTP_PORT,
+    tls: 18080,
+    local: 28080,
+};
+const ECHO_TUNNEL: Tunnel = Tunnel {
+    name: "tcp",
+    app: ECHO_PORT,
+    tls: 19000,
+    local: 29000,
+};
+const IPERF_TUNNEL: Tunnel = Tunnel {
+    name: "iperf",
+    app: IPERF_PORT,
+    tls: 15201,
+    local: 25201,
+};
+const TUNNELS: [Tunnel; 3] = [HTTP_TUNNEL, ECHO_TUNNEL, IPERF_TUNNEL];
 
 /// A running stunnel pair, and the files it reads.
 struct Stunnel {
@@ -159,7 +188,7 @@ struct Stunnel {
 }
 
 /// Starts the L4 mTLS reference: a stunnel client in `client` listening on
-/// 127.0.0.1 at each [`STUNNEL_PORTS`] local port, a stunnel server in
+/// 127.0.0.1 at each [`TUNNELS`] local port, a stunnel server in
 /// `server` in front of its applications. Both sides present certificates
 /// of one CA and check the other's (ECDSA P-256, TLS 1.3 with
 /// AES-128-GCM, as between sidemesh proxies). `None` without stunnel.
@@ -200,7 +229,7 @@ fn start_stunnel(client: &Pod, server: &Pod) -> Option<Stunnel> {
     };
     let global = "foreground = yes\npid =\nsyslog = no\ndebug = 3\n";
     let (mut client_conf, mut server_conf) = (global.to_owned(), global.to_owned());
-    for (name, app, tls, local) in STUNNEL_PORTS {
+    for Tunnel { name, app, tls, local } in TUNNELS {
         client_conf += &format!(
             "[{name}]\nclient = yes\naccept = 127.0.0.1:{local}\nconnect = {}:{tls}\ncheckIP = {}\n{}",
             server.ip(),
@@ -219,7 +248,7 @@ fn start_stunnel(client: &Pod, server: &Pod) -> Option<Stunnel> {
         server.start("stunnel", &program, &[&conf("server.conf")], &[]),
         client.start("stunnel", &program, &[&conf("client.conf")], &[]),
     ];
-    for (_, _, tls, local) in STUNNEL_PORTS {
+    for Tunnel { tls, local, .. } in TUNNELS {
         if !server.wait_listening(tls, Duration::from_secs(10))
             || !client.wait_listening(local, Duration::from_secs(10))
         {
@@ -239,11 +268,11 @@ fn start_stunnel(client: &Pod, server: &Pod) -> Option<Stunnel> {
 fn start_apps(pod: &Pod) -> Vec<sidemesh_tests::process::Proc> {
     let app = binary("sidemesh-test-app");
     let procs = vec![
-        pod.start("app-http", &app, &["http", "0.0.0.0:8080", "web"], &[]),
-        pod.start("app-echo", &app, &["echo", "0.0.0.0:9000"], &[]),
-        pod.start("iperf3", "iperf3", &["-s", "-p", "5201"], &[]),
+        pod.start("app-http", &app, &["http", &format!("0.0.0.0:{HTTP_PORT}"), "web"], &[]),
+        pod.start("app-echo", &app, &["echo", &format!("0.0.0.0:{ECHO_PORT}")], &[]),
+        pod.start("iperf3", "iperf3", &["-s", "-p", &IPERF_PORT.to_string()], &[]),
     ];
-    for port in [8080, 9000, 5201] {
+    for port in [HTTP_PORT, ECHO_PORT, IPERF_PORT] {
         assert!(pod.wait_listening(port, Duration::from_secs(10)), "port {port}");
     }
     procs
@@ -267,14 +296,14 @@ fn main() {
             "shop",
             "web",
             &vip,
-            &[("http", 80), ("tcp", 9000), ("iperf", 5201)],
+            &[("http", 80), ("tcp", ECHO_PORT), ("iperf", IPERF_PORT)],
             json!({}),
         ),
         slice(
             "shop",
             "web-1",
             "web",
-            &[("http", 8080), ("tcp", 9000), ("iperf", 5201)],
+            &[("http", HTTP_PORT), ("tcp", ECHO_PORT), ("iperf", IPERF_PORT)],
             &[(&sip, "server", true)],
         ),
         pod("shop", "server", &sip, "web", true),
@@ -317,7 +346,7 @@ fn main() {
     );
 
     let mesh_url = format!("http://{vip}/");
-    let direct_url = format!("http://{}:8080/", dserver.ip());
+    let direct_url = format!("http://{}:{HTTP_PORT}/", dserver.ip());
     let close = ["-H", "Connection: close"];
     let mut rows: Vec<(String, f64, f64, Option<f64>, String)> = Vec::new();
     let only = std::env::var("BENCH_ONLY").ok();
@@ -350,7 +379,7 @@ fn main() {
         ));
     };
     let (c, d) = (&client.pod, &dclient);
-    let stunnel_url = format!("http://127.0.0.1:{}/", STUNNEL_PORTS[0].3);
+    let stunnel_url = format!("http://127.0.0.1:{}/", HTTP_TUNNEL.local);
     let url = |p: Path| match p {
         Path::Direct => &direct_url,
         Path::Mesh => &mesh_url,
@@ -375,9 +404,9 @@ fn main() {
     let dserver_ip = dserver.ip().to_string();
     measure("bulk", "bulk TCP, one stream, Gbit/s", "≥ 0.45", &|p| {
         let (host, port) = match p {
-            Path::Direct => (dserver_ip.as_str(), 5201),
-            Path::Mesh => (vip.as_str(), 5201),
-            Path::Stunnel => ("127.0.0.1", STUNNEL_PORTS[2].3),
+            Path::Direct => (dserver_ip.as_str(), IPERF_PORT),
+            Path::Mesh => (vip.as_str(), IPERF_PORT),
+            Path::Stunnel => ("127.0.0.1", IPERF_TUNNEL.local),
         };
         iperf(on(p), host, port, secs) / 1e9
     });
@@ -385,10 +414,10 @@ fn main() {
     if wanted("rtt") {
         let (mut direct, mut meshed, mut stunneled) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..runs {
-            direct.push(rtt(d, &format!("{}:9000", dserver.ip())).0);
-            meshed.push(rtt(c, &format!("{vip}:9000")).0);
+            direct.push(rtt(d, &format!("{}:{ECHO_PORT}", dserver.ip())).0);
+            meshed.push(rtt(c, &format!("{vip}:{ECHO_PORT}")).0);
             if l4 {
-                stunneled.push(rtt(d, &format!("127.0.0.1:{}", STUNNEL_PORTS[1].3)).0);
+                stunneled.push(rtt(d, &format!("127.0.0.1:{}", ECHO_TUNNEL.local)).0);
             }
         }
         rtts = Some((median(direct), median(meshed), l4.then(|| median(stunneled))));
