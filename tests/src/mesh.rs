@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use crate::netns::{Network, Output, Pod};
 use crate::pki::{self, Pki};
 use crate::process::{Proc, binary};
+use sidemesh_injector::inject::PROXY_GLIBC_TUNABLES;
 
 /// Identity service port in the control-plane Pod.
 pub const IDENTITY_PORT: u16 = 8443;
@@ -245,6 +246,8 @@ impl Mesh {
                 "SIDEMESH_INBOUND_POLICY".into(),
                 opts.policy.unwrap_or("permissive").into(),
             ),
+            // As the injector sets it in every Pod.
+            ("GLIBC_TUNABLES".into(), PROXY_GLIBC_TUNABLES.into()),
         ];
         env.extend(opts.env.iter().cloned());
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();

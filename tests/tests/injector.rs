@@ -605,6 +605,16 @@ async fn patched_pods_are_valid_complete_and_idempotent() {
         };
         assert_eq!(field("POD_NAMESPACE"), Some(json!("metadata.namespace")));
         assert_eq!(field("POD_SERVICE_ACCOUNT"), Some(json!("spec.serviceAccountName")));
+        // Only the proxy's memcpy is tuned; the application's environment is its own.
+        assert_eq!(
+            env_of(proxy, "GLIBC_TUNABLES").as_deref(),
+            Some("glibc.cpu.x86_rep_movsb_threshold=0x10000000")
+        );
+        for app in out["spec"]["containers"].as_array().into_iter().flatten() {
+            if app["name"] != "sidemesh-proxy" {
+                assert_eq!(env_of(app, "GLIBC_TUNABLES"), None, "{name}: app env touched");
+            }
+        }
         // The token and trust bundle volumes, mounted.
         let volume = |n: &str| {
             out["spec"]["volumes"]

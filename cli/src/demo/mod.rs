@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 
 use net::Net;
+use sidemesh_injector::inject::PROXY_GLIBC_TUNABLES;
 
 /// The demo mesh objects (addresses match [`net::POD_PREFIX`]).
 const MESH_YAML: &str = include_str!("../../../examples/demo/mesh.yaml");
@@ -388,6 +389,8 @@ fn setup(exe: PathBuf, loopback: bool) -> anyhow::Result<Demo> {
                 format!("spiffe://cluster.local/ns/{ns}/sa/{sa}"),
             ),
             ("SIDEMESH_INBOUND_POLICY", "strict".to_owned()),
+            // As the injector sets it in every Pod.
+            ("GLIBC_TUNABLES", PROXY_GLIBC_TUNABLES.to_owned()),
         ];
         if loopback {
             // No capture: each proxy on its own loopback address, delivering
