@@ -34,10 +34,10 @@ pub const ADMIN_PORT: i32 = 15020;
 /// movsb`. The proxy copies every TLS record's plaintext (16 KiB, at the odd
 /// offsets a 5-byte record header leaves), and on AMD Zen 3/4 `rep movsb`
 /// to an unaligned destination runs many times slower than the vector loop
-/// glibc uses otherwise; glibc before 2.39 (the image's 2.36, linked into
-/// the static binary) still picks it above 2 KiB. Measured: bulk TCP through
-/// two proxies +15–30 % (docs/performance.md#memcpy). Intel CPUs copy as
-/// fast either way at these sizes.
+/// glibc uses otherwise; the image's glibc 2.36, linked into the static
+/// binary, still picks it above 2 KiB. Measured: bulk TCP through two
+/// proxies +26 %, median of three A/B pairs (docs/performance.md#memcpy).
+/// Intel CPUs copy as fast either way at these sizes.
 pub const PROXY_GLIBC_TUNABLES: &str = "glibc.cpu.x86_rep_movsb_threshold=0x10000000";
 /// Name of the proxy container.
 pub const PROXY_CONTAINER: &str = "sidemesh-proxy";
