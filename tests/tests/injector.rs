@@ -1595,6 +1595,20 @@ fn write_tmp(dir: &Path, name: &str, contents: &str) -> PathBuf {
     p
 }
 
+/// The image sets the proxies' memcpy tunable itself, to the value the
+/// injector gives every proxy container, so a proxy started from the image
+/// any other way copies as fast.
+#[test]
+fn image_sets_the_proxy_glibc_tunables() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/Dockerfile");
+    let dockerfile = std::fs::read_to_string(&path).expect("read deploy/Dockerfile");
+    let value = dockerfile
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("ENV GLIBC_TUNABLES="))
+        .expect("deploy/Dockerfile: no ENV GLIBC_TUNABLES= line");
+    assert_eq!(value, sidemesh_injector::inject::PROXY_GLIBC_TUNABLES);
+}
+
 #[test]
 fn kustomization_builds_and_validates() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
