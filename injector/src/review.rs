@@ -29,13 +29,37 @@ pub struct BadReview(pub String);
 pub struct Review {
     /// The request, as kube parsed it.
     pub request: AdmissionRequest<DynamicObject>,
+    /// Whether the object as sent has a `metadata` object. kube fills in an
+    /// empty one when it is missing, but the patch applies to the object as
+    /// sent: without one, `/metadata` must be added whole.
+    pub has_metadata: bool,
+}
+
+/// Just enough of a review to see whether its object has `metadata`.
+#[derive(serde::Deserialize)]
+struct Shape {
+    request: Option<ShapeRequest>,
+}
+
+#[derive(serde::Deserialize)]
+struct ShapeRequest {
+    object: Option<ShapeObject>,
+}
+
+#[derive(serde::Deserialize)]
+struct ShapeObject {
+    metadata: Option<serde::de::IgnoredAny>,
 }
 
 impl Review {
     /// Parses and checks an AdmissionReview body.
     pub fn parse(body: &[u8]) -> Result<Self, BadReview> {
+        // JSON is UTF-8 throughout; serde alone would let bad bytes through
+        // in the strings it skips (unknown fields) and answer a body that
+        // is not JSON.
+        let body = std::str::from_utf8(body).map_err(|e| BadReview(format!("not UTF-8: {e}")))?;
         let review: AdmissionReview<DynamicObject> =
-            serde_json::from_slice(body).map_err(|e| BadReview(e.to_string()))?;
+            serde_json::from_str(body).map_err(|e| BadReview(e.to_string()))?;
         if review.types.kind != KIND || review.types.api_version != API_VERSION {
             return Err(BadReview(format!(
                 "expected kind {KIND} and apiVersion {API_VERSION}, got kind {:?} and apiVersion {:?}",
@@ -48,7 +72,12 @@ impl Review {
         if request.uid.is_empty() {
             return Err(BadReview("request.uid is empty".into()));
         }
-        Ok(Self { request })
+        // A second, shallow pass: serde skips everything it is not asked for.
+        let has_metadata = serde_json::from_str::<Shape>(body)
+            .ok()
+            .and_then(|s| s.request?.object)
+            .is_none_or(|o| o.metadata.is_some());
+        Ok(Self { request, has_metadata })
     }
 
     /// The namespace the object is created in.
@@ -110,7 +139,7 @@ pub fn answer(config: &InjectorConfig, review: &Review, namespace: NamespaceView
     let pod = PodParts {
         namespace: review.namespace(),
         annotations: object.metadata.annotations.as_ref(),
-        has_metadata: true,
+        has_metadata: review.has_metadata,
         spec: object.data.get("spec").unwrap_or(&no_spec),
     };
     match inject::plan(config, pod, namespace) {
@@ -225,6 +254,42 @@ mod tests {
         StaticNamespaces(m)
     }
 
+    /// The patch in an answer, decoded.
+    fn patch_of(out: &[u8]) -> json_patch::Patch {
+        let out: Value = serde_json::from_slice(out).unwrap();
+        let patch = base64::engine::general_purpose::STANDARD
+            .decode(out["response"]["patch"].as_str().unwrap())
+            .unwrap();
+        serde_json::from_slice(&patch).unwrap()
+    }
+
+    /// Found by the `admission` fuzz target: a Pod sent without `metadata`
+    /// (or with `"metadata": null`) used to get a patch adding
+    /// `/metadata/annotations`, which cannot apply to it.
+    #[test]
+    fn a_pod_without_metadata_gets_a_patch_that_applies() {
+        let config = InjectorConfig::default();
+        let bare = json!({"apiVersion": "v1", "kind": "Pod", "spec": {"containers": [{"name": "web", "image": "y"}]}});
+        let mut null_meta = bare.clone();
+        null_meta["metadata"] = Value::Null;
+        for pod in [bare, null_meta] {
+            let Ok((out, verdict)) = handle_static(&config, &namespaces(), &review(pod.clone(), "apps")) else {
+                // kube may refuse a null `metadata` outright: a clear 400, also fine.
+                continue;
+            };
+            assert_eq!(verdict.outcome, "injected", "{pod}");
+            let mut patched = pod.clone();
+            json_patch::patch(&mut patched, &patch_of(&out)).unwrap_or_else(|e| panic!("{pod}: {e}"));
+            assert_eq!(patched["metadata"]["annotations"]["sidemesh.io/injected"], "true");
+        }
+        // With `metadata` but no annotations, the rest of `metadata` stays.
+        let (out, _) = handle_static(&config, &namespaces(), &review(web_pod(), "apps")).unwrap();
+        let mut patched = web_pod();
+        json_patch::patch(&mut patched, &patch_of(&out)).unwrap();
+        assert_eq!(patched["metadata"]["labels"]["app"], "web");
+        assert_eq!(patched["metadata"]["name"], "web");
+    }
+
     #[test]
     fn patch_is_base64_json_patch_and_applies() {
         let config = InjectorConfig::default();
@@ -262,6 +327,11 @@ mod tests {
             b"[1,2]",
             br#"{"kind":"AdmissionReview","apiVersion":"admission.k8s.io/v1"}"#,
             br#"{"kind":"AdmissionReview","apiVersion":"admission.k8s.io/v1beta1","request":{}}"#,
+            // Found by the fuzzer: a bad byte in a field nobody reads.
+            &review(json!({"metadata": {"x": "w\u{fffd}eb"}, "spec": {}}), "apps")
+                .iter()
+                .map(|&b| if b == 0xef { 0xaf } else { b })
+                .collect::<Vec<u8>>(),
         ] {
             assert!(
                 handle_static(&InjectorConfig::default(), &namespaces(), body).is_err(),

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulShutdown;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -268,6 +268,20 @@ fn respond(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Res
     rsp
 }
 
+/// The most of an oversized body [`drain`] reads, and for how long.
+const DRAIN_MAX: u64 = 64 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
+/// Reads and drops a body announced as too large, within bounds, before the
+/// 413 goes out: an HTTP/1 client still sending would otherwise meet a
+/// connection closed under it and see a reset instead of the answer.
+async fn drain(mut body: Incoming, announced: u64) {
+    if announced > DRAIN_MAX {
+        return;
+    }
+    let _ = tokio::time::timeout(DRAIN_TIME, async { while let Some(Ok(_)) = body.frame().await {} }).await;
+}
+
 fn text(status: StatusCode, message: String) -> Response<Full<Bytes>> {
     let mut body = message.into_bytes();
     body.push(b'\n');
@@ -286,17 +300,26 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
             );
         }
     }
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            let (status, message) = if e.is::<http_body_util::LengthLimitError>() {
-                (
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("the body is larger than {MAX_BODY} bytes"),
-                )
-            } else {
-                (StatusCode::BAD_REQUEST, format!("reading the body: {e}"))
-            };
+    let too_large = || {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is larger than {MAX_BODY} bytes"),
+        )
+    };
+    let announced = req.body().size_hint().lower();
+    let body = if announced > MAX_BODY as u64 {
+        drain(req.into_body(), announced).await;
+        Err(too_large())
+    } else {
+        match Limited::new(req.into_body(), MAX_BODY).collect().await {
+            Ok(b) => Ok(b.to_bytes()),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+            Err(e) => Err((StatusCode::BAD_REQUEST, format!("reading the body: {e}"))),
+        }
+    };
+    let body = match body {
+        Ok(b) => b,
+        Err((status, message)) => {
             shared
                 .metrics
                 .admission("malformed", "unreadable-body", started.elapsed().as_secs_f64());
