@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use base64::Engine as _;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use serde_json::Value;
@@ -72,11 +73,17 @@ impl Review {
         if request.uid.is_empty() {
             return Err(BadReview("request.uid is empty".into()));
         }
-        // A second, shallow pass: serde skips everything it is not asked for.
-        let has_metadata = serde_json::from_str::<Shape>(body)
-            .ok()
-            .and_then(|s| s.request?.object)
-            .is_none_or(|o| o.metadata.is_some());
+        // Only an empty `metadata` can be a missing one, and the API server
+        // never sends one empty (a Pod has a name or generateName): the
+        // second, shallow pass stays off the path real reviews take.
+        let has_metadata = request
+            .object
+            .as_ref()
+            .is_none_or(|o| o.metadata != ObjectMeta::default())
+            || serde_json::from_str::<Shape>(body)
+                .ok()
+                .and_then(|s| s.request?.object)
+                .is_none_or(|o| o.metadata.is_some());
         Ok(Self { request, has_metadata })
     }
 

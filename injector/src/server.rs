@@ -268,8 +268,9 @@ fn respond(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Res
     rsp
 }
 
-/// The most of an oversized body [`drain`] reads, and for how long.
+/// The largest announced body [`drain`] reads; a bigger one is refused unread.
 const DRAIN_MAX: u64 = 64 << 20;
+/// How long [`drain`] reads before the 413 goes out regardless.
 const DRAIN_TIME: Duration = Duration::from_secs(5);
 
 /// Reads and drops a body announced as too large, within bounds, before the
